@@ -1,0 +1,5 @@
+import sys
+
+from scalax.cli import main
+
+sys.exit(main())

@@ -1,0 +1,85 @@
+"""The `scalax` command: `scalax info | ...`. A user's mistake prints one line and exits 2."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+
+from scalax.errors import ScalaxError
+
+EXIT_USER_ERROR = 2
+
+
+def _split_overrides(argv: Sequence[str]) -> tuple[list[str], list[str]]:
+    """Separate `--config.KEY=VALUE` overrides from the other arguments."""
+    overrides = [a for a in argv if a.startswith("--config.")]
+    return [a for a in argv if not a.startswith("--config.")], overrides
+
+
+def cmd_info(args: argparse.Namespace, overrides: list[str]) -> int:
+    """Shape, parameter counts (from the real module, under jax.eval_shape) and FLOPs per token."""
+    import jax
+    import jax.numpy as jnp
+
+    from scalax import config as config_lib
+    from scalax.errors import ConfigError
+    from scalax.models import Decoder
+    from scalax.scaling import flops
+
+    cfg = config_lib.load(args.config, overrides)
+    model_cfg = config_lib.model_config(cfg)
+    seq_len = cfg.train.seq_len
+    if seq_len <= 0:
+        raise ConfigError("train.seq_len", f"must be a positive integer, got {seq_len}")
+    if model_cfg.position == "learned" and seq_len > model_cfg.max_seq_len:
+        raise ConfigError("train.seq_len", f"{seq_len} exceeds the learned position table "
+                          f"(model.max_seq_len={model_cfg.max_seq_len}); allowed: at most {model_cfg.max_seq_len}")
+    tokens = jnp.zeros((1, 1), jnp.int32)
+    shapes = jax.eval_shape(lambda: Decoder(model_cfg).init(jax.random.key(0), tokens))["params"]
+    counts = flops.count_params(shapes)
+    per_token = flops.all_flops_per_token(model_cfg, seq_len)
+    if args.json:
+        print(json.dumps({"model": model_cfg.to_dict(), "seq_len": seq_len, **counts,
+                          "flops_per_token": per_token}, indent=2))
+        return 0
+    m = model_cfg
+    attention = "MHA" if m.n_kv_heads == m.n_heads else ("MQA" if m.n_kv_heads == 1 else "GQA")
+    print(f"model      d_model {m.d_model}, n_layers {m.n_layers}, heads {m.n_heads} x {m.head_dim} "
+          f"({attention}, kv heads {m.n_kv_heads}), d_ff {m.d_ff} ({m.mlp}), vocab {m.vocab_size}")
+    print(f"features   {m.norm} ({m.norm_position}-norm), position {m.position}, "
+          f"{'tied' if m.tie_embeddings else 'untied'} embeddings, biases {'on' if m.use_bias else 'off'}, "
+          f"context {m.max_seq_len}, compute {m.dtype}, params {m.param_dtype}")
+    for key, value in counts.items():
+        print(f"{key:<22} {value:>20,d}  ({value / 1e9:.3f} B)")
+    print(f"FLOPs per token at seq_len {seq_len} (training: forward + backward)")
+    for convention, value in per_token.items():
+        print(f"  {convention:<20} {value:>20,.0f}  ({value / 1e9:.3f} GFLOP)")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="scalax", description="Language-model scaling experiments in JAX.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    info = sub.add_parser("info", help="a model's shape, parameter counts and FLOPs per token",
+                          description="Override any config field with --config.KEY=VALUE.")
+    info.add_argument("--config", required=True, help="config file and argument, e.g. configs/llama.py:size=tiny")
+    info.add_argument("--json", action="store_true", help="print one JSON object")
+    info.set_defaults(func=cmd_info)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args_only, overrides = _split_overrides(argv)
+    args = build_parser().parse_args(args_only)
+    try:
+        return args.func(args, overrides)
+    except ScalaxError as e:
+        print(f"scalax {args.command}: error: {e}", file=sys.stderr)
+        return EXIT_USER_ERROR
+
+
+if __name__ == "__main__":
+    sys.exit(main())

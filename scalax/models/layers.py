@@ -1,0 +1,100 @@
+"""Building blocks: norms, token embedding, MLP. Every parameter carries logical axis names."""
+
+from __future__ import annotations
+
+import math
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from scalax.models.config import ModelConfig
+
+
+def dtype_of(name: str) -> jnp.dtype:
+    return jnp.dtype(name)
+
+
+def kernel_init(cfg: ModelConfig, axes: tuple[str, ...], output_projection: bool = False):
+    """Normal(0, init_std) with logical axis names; output projections scaled by 1/sqrt(2 L) (GPT-2)."""
+    std = cfg.init_std / math.sqrt(2 * cfg.n_layers) if output_projection else cfg.init_std
+    return nn.with_logical_partitioning(nn.initializers.normal(std), axes)
+
+
+def constrain(x: jnp.ndarray, axes: tuple[str, ...]) -> jnp.ndarray:
+    """Name an activation's axes for the mesh rules (a no-op outside a rules context)."""
+    return nn.with_logical_constraint(x, axes)
+
+
+class Norm(nn.Module):
+    """LayerNorm (scale and bias) or RMSNorm (scale), over the last axis, computed in float32.
+
+    `axis_name` is the logical name of the normalised axis ('embed', or 'head_dim' for q/k norm).
+    """
+
+    cfg: ModelConfig
+    axis_name: str = "embed"
+
+    @nn.compact
+    def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
+        cfg = self.cfg
+        pdtype = dtype_of(cfg.param_dtype)
+        features = x.shape[-1]
+        scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones, (self.axis_name,)),
+                           (features,), pdtype)
+        h = x.astype(jnp.float32)
+        if cfg.norm == "layernorm":
+            h = h - jnp.mean(h, axis=-1, keepdims=True)
+        h = h * jax.lax.rsqrt(jnp.mean(jnp.square(h), axis=-1, keepdims=True) + cfg.norm_eps)
+        h = h * scale.astype(jnp.float32)
+        if cfg.norm == "layernorm":
+            bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros, (self.axis_name,)),
+                              (features,), pdtype)
+            h = h + bias.astype(jnp.float32)
+        return h.astype(dtype_of(cfg.dtype))
+
+
+class Embedding(nn.Module):
+    """Token embedding table [V, D]; `attend` gives logits against it (tied head)."""
+
+    cfg: ModelConfig
+
+    def setup(self):
+        cfg = self.cfg
+        self.table_VxD = self.param(
+            "embedding", kernel_init(cfg, ("vocab", "embed")), (cfg.vocab_size, cfg.d_model),
+            dtype_of(cfg.param_dtype),
+        )
+
+    def __call__(self, tokens_BxT: jnp.ndarray) -> jnp.ndarray:
+        x_BxTxD = jnp.take(self.table_VxD.astype(dtype_of(self.cfg.dtype)), tokens_BxT, axis=0)
+        return constrain(x_BxTxD, ("act_batch", "act_seq", "act_embed"))
+
+    def attend(self, x_BxTxD: jnp.ndarray) -> jnp.ndarray:
+        table_VxD = self.table_VxD.astype(dtype_of(self.cfg.dtype))
+        return jnp.einsum("btd,vd->btv", x_BxTxD, table_VxD)
+
+
+class Mlp(nn.Module):
+    """Position-wise MLP: gelu/relu `wo(act(wi x))`, gated swiglu/geglu `wo(act(wg x) * wi x)`."""
+
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(self, x_BxTxD: jnp.ndarray) -> jnp.ndarray:
+        cfg = self.cfg
+        dense = dict(dtype=dtype_of(cfg.dtype), param_dtype=dtype_of(cfg.param_dtype), use_bias=cfg.use_bias,
+                     bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("mlp",)))
+        act = {"gelu": nn.gelu, "geglu": nn.gelu, "relu": nn.relu, "swiglu": nn.silu}[cfg.mlp]
+        h_BxTxF = nn.Dense(cfg.d_ff, kernel_init=kernel_init(cfg, ("embed", "mlp")), name="wi", **dense)(x_BxTxD)
+        if cfg.gated_mlp:
+            gate_BxTxF = nn.Dense(cfg.d_ff, kernel_init=kernel_init(cfg, ("embed", "mlp")), name="wg",
+                                  **dense)(x_BxTxD)
+            h_BxTxF = act(gate_BxTxF) * h_BxTxF
+        else:
+            h_BxTxF = act(h_BxTxF)
+        h_BxTxF = constrain(h_BxTxF, ("act_batch", "act_seq", "act_mlp"))
+        dense["bias_init"] = nn.with_logical_partitioning(nn.initializers.zeros, ("embed",))
+        out_BxTxD = nn.Dense(cfg.d_model, kernel_init=kernel_init(cfg, ("mlp", "embed"), output_projection=True),
+                             name="wo", **dense)(h_BxTxF)
+        return constrain(out_BxTxD, ("act_batch", "act_seq", "act_embed"))

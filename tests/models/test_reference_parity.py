@@ -1,0 +1,51 @@
+"""The decoder against an independent float64 numpy implementation (tests/reference.py), feature by feature."""
+
+import numpy as np
+import pytest
+
+from scalax.models import Decoder
+from tests import reference
+from tests.conftest import init_params, random_tokens, small_config
+
+POSITIONS = ["learned", "sinusoidal", "rope", "alibi", "t5", "none"]
+FEATURES = [
+    ("llama", dict(n_kv_heads=1)),  # MQA
+    ("llama", dict(n_kv_heads=4)),  # MHA
+    ("llama", dict(d_model=48, n_heads=12, n_kv_heads=4, position="alibi")),  # 12 heads: non power of two
+    ("gpt", dict(qk_norm=True)),
+    ("llama", dict(qk_norm=True)),
+    ("gpt", dict(parallel_block=True)),
+    ("gpt", dict(norm_position="post")),
+    ("llama", dict(share_layers=True)),
+    ("gpt", dict(share_layers=True, scan_layers=False)),
+    ("llama", dict(mlp="geglu")),
+    ("gpt", dict(mlp="relu")),
+    ("gpt", dict(mlp="swiglu", use_bias=True)),
+    ("llama", dict(rope_fraction=0.5)),  # GPT-NeoX partial rotary
+    # Llama-3.1 scaling with wavelengths in all three bands (kept, interpolated, divided by the factor).
+    ("llama", dict(rope_scaling="llama3", rope_original_context=32, rope_scaling_factor=4.0, rope_theta=500.0)),
+    ("llama", dict(scan_layers=False)),
+    ("gpt", dict(head_dim=16)),  # head_dim != d_model / n_heads
+    ("gpt", dict(tie_embeddings=False, norm="rmsnorm")),
+]
+
+
+def _check(family, changes, seq_len=12):
+    cfg = small_config(family, **changes)
+    params = init_params(cfg, seq_len)
+    tokens = random_tokens(cfg, 2, seq_len)
+    logits = np.asarray(Decoder(cfg).apply({"params": params}, tokens))
+    expected = np.stack([reference.forward(cfg, params, np.asarray(t)) for t in tokens])
+    assert logits.shape == (2, seq_len, cfg.vocab_size)
+    np.testing.assert_allclose(logits, expected, atol=5e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("family", ["gpt", "llama"])
+@pytest.mark.parametrize("position", POSITIONS)
+def test_every_position_scheme_matches_reference(family, position):
+    _check(family, dict(position=position))
+
+
+@pytest.mark.parametrize("family,changes", FEATURES, ids=[f"{f}-{c}" for f, c in FEATURES])
+def test_feature_matches_reference(family, changes):
+    _check(family, changes)

@@ -1,0 +1,149 @@
+"""An independent float64 numpy decoder, written from the papers' formulas, to check scalax's numerics.
+
+It reads scalax's parameter tree but shares no code with scalax.models: RoPE as complex rotation, K/V heads
+repeated explicitly for GQA, ALiBi slopes and T5 buckets from their closed forms, plain loops over layers.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from flax import linen as nn
+
+from scalax.models.config import ModelConfig
+
+
+def alibi_slopes_closed_form(n: int) -> np.ndarray:
+    """2^(-8i/n), i = 1..n for n a power of two; else the m = 2^floor(log2 n) slopes 2^(-8i/m), then
+    2^(-4(2j-1)/m), j = 1..n-m (every other slope of 2m heads)."""
+    m = 2 ** math.floor(math.log2(n))
+    slopes = [2.0 ** (-8.0 * i / m) for i in range(1, m + 1)]
+    slopes += [2.0 ** (-4.0 * (2 * j - 1) / m) for j in range(1, n - m + 1)]
+    return np.asarray(slopes)
+
+
+def t5_bucket_np(relative: np.ndarray, num_buckets: int, max_distance: int) -> np.ndarray:
+    """Raffel et al.'s `_relative_position_bucket`, unidirectional, in float64."""
+    n = np.maximum(-relative, 0)
+    max_exact = num_buckets // 2
+    with np.errstate(divide="ignore"):
+        val_if_large = max_exact + (
+            np.log(n.astype(np.float64) / max_exact) / np.log(max_distance / max_exact) * (num_buckets - max_exact)
+        )
+    val_if_large = np.minimum(np.where(np.isfinite(val_if_large), val_if_large, 0).astype(np.int64), num_buckets - 1)
+    return np.where(n < max_exact, n, val_if_large)
+
+
+def rope_freqs(cfg: ModelConfig) -> np.ndarray:
+    """Inverse frequencies, with Llama-3.1 scaling written per frequency as Meta's reference code does."""
+    dim = cfg.rotary_dim
+    freqs = [1.0 / cfg.rope_theta ** (2 * i / dim) for i in range(dim // 2)]
+    if cfg.rope_scaling == "llama3":
+        out = []
+        low_wl = cfg.rope_original_context / cfg.rope_low_freq_factor
+        high_wl = cfg.rope_original_context / cfg.rope_high_freq_factor
+        for f in freqs:
+            wavelen = 2 * math.pi / f
+            if wavelen < high_wl:
+                out.append(f)
+            elif wavelen > low_wl:
+                out.append(f / cfg.rope_scaling_factor)
+            else:
+                s = (cfg.rope_original_context / wavelen - cfg.rope_low_freq_factor) / (
+                    cfg.rope_high_freq_factor - cfg.rope_low_freq_factor)
+                out.append((1 - s) * f / cfg.rope_scaling_factor + s * f)
+        freqs = out
+    return np.asarray(freqs)
+
+
+def rope(x_TxNxK: np.ndarray, cfg: ModelConfig) -> np.ndarray:
+    dim = cfg.rotary_dim
+    T = x_TxNxK.shape[0]
+    z = x_TxNxK[..., : dim // 2] + 1j * x_TxNxK[..., dim // 2 : dim]
+    z = z * np.exp(1j * np.arange(T)[:, None, None] * rope_freqs(cfg)[None, None, :])
+    return np.concatenate([z.real, z.imag, x_TxNxK[..., dim:]], axis=-1)
+
+
+def norm(x: np.ndarray, p: dict, cfg: ModelConfig) -> np.ndarray:
+    if cfg.norm == "layernorm":
+        mu = x.mean(-1, keepdims=True)
+        var = ((x - mu) ** 2).mean(-1, keepdims=True)
+        return (x - mu) / np.sqrt(var + cfg.norm_eps) * p["scale"] + p["bias"]
+    return x / np.sqrt((x**2).mean(-1, keepdims=True) + cfg.norm_eps) * p["scale"]
+
+
+def gelu_tanh(x):
+    return 0.5 * x * (1 + np.tanh(math.sqrt(2 / math.pi) * (x + 0.044715 * x**3)))
+
+
+def dense(x, p, contract: int = 1):
+    y = np.tensordot(x, p["kernel"], axes=contract)
+    return y + p["bias"] if "bias" in p else y
+
+
+def attention(x_TxD, p, cfg: ModelConfig, bias_HxTxT):
+    T = x_TxD.shape[0]
+    q, k, v = (dense(x_TxD, p[n]) for n in "qkv")  # [T, N, K]
+    if cfg.qk_norm:
+        q, k = norm(q, p["q_norm"], cfg), norm(k, p["k_norm"], cfg)
+    if cfg.position == "rope":
+        q, k = rope(q, cfg), rope(k, cfg)
+    rep = cfg.n_heads // cfg.n_kv_heads
+    k, v = np.repeat(k, rep, axis=1), np.repeat(v, rep, axis=1)  # head h uses kv head h // rep
+    scores = np.einsum("thk,shk->hts", q, k) / math.sqrt(cfg.head_dim) + bias_HxTxT
+    scores = np.where(np.tril(np.ones((T, T), bool)), scores, -np.inf)
+    probs = np.exp(scores - scores.max(-1, keepdims=True))
+    probs /= probs.sum(-1, keepdims=True)
+    return dense(np.einsum("hts,shk->thk", probs, v), p["o"], contract=2)
+
+
+def mlp(x, p, cfg: ModelConfig):
+    if cfg.mlp == "swiglu":
+        h = dense(x, p["wg"]) / (1 + np.exp(-dense(x, p["wg"]))) * dense(x, p["wi"])
+    elif cfg.mlp == "geglu":
+        h = gelu_tanh(dense(x, p["wg"])) * dense(x, p["wi"])
+    elif cfg.mlp == "relu":
+        h = np.maximum(dense(x, p["wi"]), 0)
+    else:
+        h = gelu_tanh(dense(x, p["wi"]))
+    return dense(h, p["wo"])
+
+
+def forward(cfg: ModelConfig, params, tokens_T: np.ndarray) -> np.ndarray:
+    """Logits [T, V] in float64 for one sequence."""
+    import jax
+
+    p = jax.tree.map(lambda a: np.asarray(a, np.float64), nn.meta.unbox(params))
+    T = len(tokens_T)
+    x = p["embed"]["embedding"][tokens_T]
+    pos = np.arange(T)
+    if cfg.position == "learned":
+        x = x + p["pos_embed"][:T]
+    elif cfg.position == "sinusoidal":
+        i = np.arange(cfg.d_model)
+        angle = pos[:, None] / 10000.0 ** ((i - i % 2) / cfg.d_model)
+        x = x + np.where(i % 2 == 0, np.sin(angle), np.cos(angle))
+    bias = np.zeros((cfg.n_heads, T, T))
+    if cfg.position == "alibi":
+        bias = -alibi_slopes_closed_form(cfg.n_heads)[:, None, None] * (pos[:, None] - pos[None, :])
+    elif cfg.position == "t5":
+        buckets = t5_bucket_np(pos[None, :] - pos[:, None], cfg.t5_num_buckets, cfg.t5_max_distance)
+        bias = p["relpos_bias"][buckets].transpose(2, 0, 1)
+    for i in range(cfg.n_layers):
+        if "layers" in p:
+            lp = p["layers"] if cfg.share_layers else jax.tree.map(lambda a, i=i: a[i], p["layers"])
+        else:
+            lp = p[f"layer_{i}"]
+        if cfg.parallel_block:
+            h = norm(x, lp["attn_norm"], cfg)
+            x = x + attention(h, lp["attn"], cfg, bias) + mlp(h, lp["mlp"], cfg)
+        elif cfg.norm_position == "pre":
+            x = x + attention(norm(x, lp["attn_norm"], cfg), lp["attn"], cfg, bias)
+            x = x + mlp(norm(x, lp["mlp_norm"], cfg), lp["mlp"], cfg)
+        else:
+            x = norm(x + attention(x, lp["attn"], cfg, bias), lp["attn_norm"], cfg)
+            x = norm(x + mlp(x, lp["mlp"], cfg), lp["mlp_norm"], cfg)
+    if cfg.norm_position == "pre":
+        x = norm(x, p["final_norm"], cfg)
+    return x @ (p["embed"]["embedding"].T if cfg.tie_embeddings else p["head"]["kernel"])

@@ -1,0 +1,93 @@
+"""`scalax info` and config loading: counts from the module, overrides, one-line errors for bad configs."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from scalax import cli
+from scalax import config as config_lib
+from scalax.models import ModelConfig, presets
+from scalax.scaling import flops
+from tests.conftest import REPO
+
+
+def run_cli(capsys, *argv):
+    rc = cli.main(list(argv))
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+def test_info_json_for_405b(capsys):
+    rc, out, _ = run_cli(capsys, "info", "--config=configs/llama.py:preset=llama3.1-405b", "--json")
+    assert rc == 0
+    info = json.loads(out)
+    assert info["params_total"] == 405_853_388_800
+    assert info["params_embedding"] + info["params_non_embedding"] == info["params_total"]
+    cfg = ModelConfig.from_dict(presets.preset("llama3.1-405b"))
+    assert info["flops_per_token"] == flops.all_flops_per_token(cfg, cfg.max_seq_len)
+    assert set(info["flops_per_token"]) == set(flops.CONVENTIONS)
+
+
+def test_info_text(capsys):
+    rc, out, _ = run_cli(capsys, "info", "--config=configs/gpt.py:preset=gpt2-small")
+    assert rc == 0
+    assert "124,439,808" in out and "6n_head_attn" in out and "layernorm" in out
+
+
+def test_arg_and_overrides(capsys):
+    rc, out, _ = run_cli(capsys, "info", "--config=configs/llama.py:size=tiny,position=alibi",
+                         "--config.model.n_kv_heads=1", "--config.model.rope_theta=5e5", "--config.train.seq_len=64",
+                         "--json")
+    assert rc == 0
+    info = json.loads(out)
+    assert info["model"]["position"] == "alibi" and info["model"]["n_kv_heads"] == 1
+    assert info["model"]["rope_theta"] == 500000.0 and info["seq_len"] == 64
+
+
+def test_parametric_family_from_arg():
+    cfg = config_lib.model_config(config_lib.load("configs/gpt.py:d_model=384,n_layers=6"))
+    assert (cfg.d_model, cfg.n_layers, cfg.n_heads, cfg.d_ff) == (384, 6, 6, 1536)
+    assert sorted(config_lib.load("configs/gpt.py").keys()) == ["data", "mesh", "model", "optim", "train"]
+
+
+BAD = [
+    # (arguments, the key the message must name, a word of what is allowed)
+    (["--config=configs/gpt.py", "--config.model.n_heads=3"], "model.d_model", "n_heads"),
+    (["--config=configs/llama.py", "--config.model.n_kv_heads=3"], "model.n_kv_heads", "divisor"),
+    (["--config=configs/gpt.py:position=fourier"], "model.position", "alibi"),
+    (["--config=configs/gpt.py", "--config.model.norm=batchnorm"], "model.norm", "rmsnorm"),
+    (["--config=configs/gpt.py", "--config.model.mlp=tanh"], "model.mlp", "swiglu"),
+    (["--config=configs/llama.py", "--config.model.head_dim=33"], "model.head_dim", "even"),
+    (["--config=configs/gpt.py", "--config.train.seq_len=4096"], "train.seq_len", "at most 256"),
+    (["--config=configs/gpt.py", "--config.model.n_layer=3"], "model.n_layer", "n_layers"),
+    (["--config=configs/gpt.py", "--config.model.n_layers=two"], "model.n_layers", "integer"),
+    (["--config=configs/gpt.py:preset=gpt5"], "preset", "gpt2-small"),
+    (["--config=configs/gpt.py:size=huge"], "size", "tiny"),
+    (["--config=configs/nope.py"], "--config", "no such config file"),
+    (["--config=configs/gpt.py:d_model=100,n_layers=2"], "model.d_model", "multiple of 64"),
+]
+
+
+@pytest.mark.parametrize("argv,key,allowed", BAD, ids=[b[1] + ":" + b[0][-1] for b in BAD])
+def test_bad_config_one_line_error(capsys, argv, key, allowed):
+    rc, out, err = run_cli(capsys, "info", *argv)
+    assert rc == cli.EXIT_USER_ERROR
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    assert key in lines[0] and allowed in lines[0], lines[0]
+    assert out == ""
+
+
+def test_real_process_prints_no_traceback(tmp_path):
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    proc = subprocess.run([sys.executable, "-m", "scalax", "info", "--config=configs/llama.py",
+                           "--config.model.n_kv_heads=3"], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines() == [
+        "scalax info: error: model.n_kv_heads: n_heads=2 is not divisible by n_kv_heads=3; "
+        "allowed: a divisor of n_heads (n_heads for MHA, 1 for MQA)"]

@@ -59,6 +59,32 @@ def cmd_info(args: argparse.Namespace, overrides: list[str]) -> int:
     return 0
 
 
+def cmd_train(args: argparse.Namespace, overrides: list[str]) -> int:
+    """Train (or resume) one run; prints eval lines, writes the workdir (see README)."""
+    from scalax import config as config_lib
+    from scalax.train import loop
+
+    cfg = config_lib.load(args.config, overrides)
+    summary = loop.train(cfg, args.workdir)
+    print(f"finished: step {summary['step']}, eval {summary['eval_loss']:.4f} nats/token, "
+          f"{summary['eval_bpb']:.4f} bits/byte; {args.workdir}")
+    return 0
+
+
+def cmd_prepare(args: argparse.Namespace, overrides: list[str]) -> int:
+    """Build the token cache (and train the BPE tokenizer, when data.tokenizer=bpe) ahead of training."""
+    from scalax import config as config_lib
+    from scalax.data import corpora
+
+    cfg = config_lib.load(args.config, overrides)
+    splits = corpora.load_splits(cfg.data)
+    counts = splits.header["counts"]
+    print(f"{cfg.data.corpus}: {counts['train']['tokens']:,} train and {counts['val']['tokens']:,} validation "
+          f"tokens ({splits.tokenizer.name}, vocabulary {splits.tokenizer.vocab_size}, "
+          f"{splits.bytes_per_token():.3f} bytes/token) in {corpora.cache_dir_for(cfg.data)}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="scalax", description="Language-model scaling experiments in JAX.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -67,6 +93,17 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("--config", required=True, help="config file and argument, e.g. configs/llama.py:size=tiny")
     info.add_argument("--json", action="store_true", help="print one JSON object")
     info.set_defaults(func=cmd_info)
+
+    train = sub.add_parser("train", help="train or resume one run",
+                           description="Override any config field with --config.KEY=VALUE.")
+    train.add_argument("--config", required=True, help="config file and argument, e.g. configs/llama.py:size=tiny")
+    train.add_argument("--workdir", required=True, help="run directory: checkpoints, logs; resumes if it has one")
+    train.set_defaults(func=cmd_train)
+
+    prepare = sub.add_parser("prepare", help="tokenize the corpus (and train a BPE) ahead of training",
+                             description="Override any config field with --config.KEY=VALUE.")
+    prepare.add_argument("--config", required=True)
+    prepare.set_defaults(func=cmd_prepare)
     return parser
 
 
@@ -77,8 +114,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return args.func(args, overrides)
     except ScalaxError as e:
-        print(f"scalax {args.command}: error: {e}", file=sys.stderr)
-        return EXIT_USER_ERROR
+        print(f"scalax {args.command}: {e.label}: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print(f"scalax {args.command}: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -19,6 +19,7 @@ from typing import Any
 
 import ml_collections
 
+from scalax.data import tokenizers
 from scalax.errors import ConfigError
 from scalax.models import presets
 from scalax.models.config import ModelConfig
@@ -66,14 +67,47 @@ def model_fields(family: str, arg: str | None) -> dict[str, Any]:
 
 
 def build(family: str, arg: str | None) -> ml_collections.ConfigDict:
-    """The whole experiment tree for a model family. Sections other than `model` are filled by the
-    training, data and parallelism layers."""
+    """The whole experiment tree for a model family: `model` from the arg, then training defaults sized for
+    the small named models on one CPU (override them for anything bigger)."""
     model = model_fields(family, arg)
     cfg = ml_collections.ConfigDict()
     cfg.model = model
-    cfg.train = ml_collections.ConfigDict({"seq_len": model["max_seq_len"]})
-    cfg.optim = ml_collections.ConfigDict()
-    cfg.data = ml_collections.ConfigDict()
+    cfg.train = ml_collections.ConfigDict({
+        "steps": 500,  # run length in optimizer steps ...
+        "tokens": 0,  # ... or in tokens, when positive (steps = ceil(tokens / (batch_size * seq_len)))
+        "batch_size": 16,  # global batch, in sequences
+        "seq_len": model["max_seq_len"],
+        "microbatches": 1,  # gradient accumulation: the batch is split into this many sequential parts
+        "z_loss": 0.0,  # weight of log(Z)^2, PaLM's auxiliary loss (0: off)
+        "seed": 0,
+        "log_every": 10,
+        "eval_every": 100,
+        "eval_windows": 64,  # fixed validation windows per evaluation
+        "checkpoint_every": 100,
+        "keep_checkpoints": 3,
+    })
+    cfg.optim = ml_collections.ConfigDict({
+        "lr": 3e-3,
+        "schedule": "cosine",  # cosine | wsd | constant (each after a linear warmup)
+        "warmup_steps": 50,
+        "final_lr_fraction": 0.1,  # the schedule ends at lr * this, exactly at the run's last step
+        "wsd_decay_fraction": 0.2,  # wsd: the share of steps spent cooling down at the end
+        "b1": 0.9,
+        "b2": 0.95,
+        "eps": 1e-8,
+        "weight_decay": 0.1,
+        "decay_embeddings": False,  # norms and biases are never decayed
+        "grad_clip": 1.0,  # global-norm clipping (0: off)
+    })
+    cfg.data = ml_collections.ConfigDict({
+        "corpus": "stdlib",  # stdlib | a text file | a directory | a glob | a .jsonl file
+        "text_field": "text",  # the JSONL field holding each document's text
+        "tokenizer": "byte",  # byte | bpe
+        "bpe_vocab_size": 4096,
+        "val_fraction": 0.02,
+        "cache_dir": "~/.cache/scalax/tokens",
+        "prefetch": 16,
+    })
     cfg.mesh = ml_collections.ConfigDict()
     return cfg
 
@@ -158,5 +192,9 @@ def _parse_int(key: str, text: str) -> int:
 
 
 def model_config(cfg: ml_collections.ConfigDict) -> ModelConfig:
-    """The validated ModelConfig of an experiment config."""
-    return ModelConfig.from_dict(cfg.model.to_dict())
+    """The validated ModelConfig of an experiment config; `model.vocab_size` 0 means the tokenizer's."""
+    fields = cfg.model.to_dict()
+    if fields.get("vocab_size") == 0:
+        fields["vocab_size"] = tokenizers.vocab_size(cfg.data.get("tokenizer", "byte"),
+                                                     cfg.data.get("bpe_vocab_size", 0))
+    return ModelConfig.from_dict(fields)

@@ -4,6 +4,9 @@
 class ScalaxError(Exception):
     """A mistake in a config, flag, path or checkpoint; the message says what is allowed."""
 
+    exit_code = 2
+    label = "error"  # how the CLI introduces the message
+
 
 class ConfigError(ScalaxError):
     """A bad configuration value. `key` is the dotted config key (e.g. `model.n_heads`)."""

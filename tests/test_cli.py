@@ -91,3 +91,33 @@ def test_real_process_prints_no_traceback(tmp_path):
     assert proc.stderr.strip().splitlines() == [
         "scalax info: error: model.n_kv_heads: n_heads=2 is not divisible by n_kv_heads=3; "
         "allowed: a divisor of n_heads (n_heads for MHA, 1 for MQA)"]
+
+
+TRAIN_BAD = [
+    # (overrides, the key the message must name, words of what is allowed)
+    (["--config.data.corpus={tmp}/missing"], "data.corpus", "no such file or directory"),
+    (["--config.data.corpus={tmp}/empty"], "data.corpus", "is empty"),
+    (["--config.data.corpus={tmp}/short.txt"], "data.corpus", "one window needs train.seq_len + 1 = 257"),
+    (["--config.optim.lr=0"], "optim.lr", "must be positive"),
+    (["--config.optim.lr=-0.1"], "optim.lr", "must be positive"),
+    (["--config.train.steps=0"], "train.steps", "positive integer"),
+    (["--config.train.batch_size=-4"], "train.batch_size", "positive integer"),
+    (["--config.optim.schedule=linear"], "optim.schedule", "cosine, wsd, constant"),
+    (["--config.data.tokenizer=sentencepiece"], "data.tokenizer", "byte, bpe"),
+    (["--config.train.microbatches=3"], "train.microbatches", "must divide train.batch_size=16"),
+    (["--config.train.seq_len=512"], "train.seq_len", "at most 256"),
+]
+
+
+@pytest.mark.parametrize("overrides,key,allowed", TRAIN_BAD, ids=[b[1] + ":" + b[0][0] for b in TRAIN_BAD])
+def test_train_user_errors_one_line(capsys, tmp_path, overrides, key, allowed):
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "short.txt").write_text("x = 1\n" * 10)
+    argv = ["train", "--config=configs/gpt.py", f"--workdir={tmp_path}/run",
+            f"--config.data.cache_dir={tmp_path}/cache"] + [o.format(tmp=tmp_path) for o in overrides]
+    rc, _, err = run_cli(capsys, *argv)
+    assert rc == cli.EXIT_USER_ERROR
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    assert key in lines[0] and allowed in lines[0], lines[0]
+    assert not os.path.exists(tmp_path / "run" / "checkpoints" / "1")

@@ -17,8 +17,8 @@ from scalax.errors import ConfigError
 GPT2_VOCAB = 50257
 LLAMA1_2_VOCAB = 32000
 LLAMA3_VOCAB = 128256
-# The byte-level tokenizer: 256 byte values plus 4 special tokens (pad, bos, eos, unk).
-BYTE_VOCAB = 260
+# Families and named sizes take the vocabulary of the configured tokenizer (vocab_size 0 means that).
+FROM_TOKENIZER = 0
 
 _GPT = dict(norm="layernorm", norm_eps=1e-5, mlp="gelu", use_bias=True, position="learned",
             tie_embeddings=True)
@@ -112,7 +112,7 @@ def llama_d_ff(d_model: int, multiple_of: int = LLAMA_FF_MULTIPLE) -> int:
     return multiple_of * -(-hidden // multiple_of)
 
 
-def family(name: str, d_model: int, n_layers: int, vocab_size: int = BYTE_VOCAB,
+def family(name: str, d_model: int, n_layers: int, vocab_size: int = FROM_TOKENIZER,
            max_seq_len: int = 1024) -> dict[str, Any]:
     """A model of family `name` ('gpt' or 'llama') from (d_model, n_layers), by documented rules:
     n_heads = d_model / 64 (head_dim 64); GPT: d_ff = 4 d_model, learned positions, tied embeddings, biases;
@@ -134,7 +134,7 @@ def family(name: str, d_model: int, n_layers: int, vocab_size: int = BYTE_VOCAB,
 
 
 def named_size(name: str, size: str) -> dict[str, Any]:
-    """A named small size ('tiny', 'small', ...) of a family, on the byte-level vocabulary."""
+    """A named small size ('tiny', 'small', ...) of a family, on the tokenizer's vocabulary."""
     if size not in SIZES:
         raise ConfigError("size", f"unknown size {size!r}; allowed: {', '.join(SIZES)}")
     d_model, n_layers, context = SIZES[size]

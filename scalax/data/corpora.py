@@ -1,0 +1,223 @@
+"""Corpora and token caches.
+
+A corpus is `stdlib` (the running interpreter's Python standard library: every `.py` file under
+`sysconfig.get_paths()["stdlib"]` outside site-packages, sorted; the same everywhere for one Python version),
+a text file, a directory (every file below it, sorted), a glob, or a JSONL file (one document per line, its
+`data.text_field`). Documents go to the validation split when a stable hash of their id falls below
+`data.val_fraction`; a corpus too small for that (one file, say) has its token stream's tail as validation.
+
+Token caches: each split tokenized once into a flat array (uint16, or uint32 for vocabularies over 65,536)
+with a JSON header (tokenizer hash, corpus fingerprint, counts), written atomically and reused while the
+corpus and tokenizer are unchanged; read back memory-mapped.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import glob
+import hashlib
+import json
+import os
+import sys
+import sysconfig
+from collections.abc import Iterator
+
+import numpy as np
+
+from scalax.data.tokenizers import BpeTokenizer, ByteTokenizer, bpe_path, check_name
+from scalax.errors import ConfigError
+from scalax.io import atomic_write_bytes, atomic_write_json
+
+CACHE_VERSION = 1
+SPLITS = ("train", "val")
+
+
+@dataclasses.dataclass(frozen=True)
+class Document:
+    id: str
+    data: bytes
+
+
+@dataclasses.dataclass(frozen=True)
+class TokenSplits:
+    """Token streams of both splits (memory-mapped) and the cache header."""
+
+    train: np.ndarray
+    val: np.ndarray
+    header: dict
+    tokenizer: ByteTokenizer | BpeTokenizer
+
+    def bytes_per_token(self, split: str = "val") -> float:
+        counts = self.header["counts"][split]
+        return counts["bytes"] / counts["tokens"]
+
+
+# ---------------------------------------------------------------------- listing documents
+def _stdlib_files() -> list[tuple[str, str]]:
+    root = sysconfig.get_paths()["stdlib"]
+    files = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = sorted(d for d in dirnames if d not in ("site-packages", "dist-packages", "__pycache__"))
+        files += [os.path.join(dirpath, f) for f in filenames if f.endswith(".py")]
+    return [(os.path.relpath(f, root), f) for f in sorted(files)]
+
+
+def _corpus_files(corpus: str) -> list[tuple[str, str]]:
+    """(document id, path) pairs of a corpus spec, sorted."""
+    if corpus == "stdlib":
+        return _stdlib_files()
+    if any(c in corpus for c in "*?["):
+        paths = sorted(p for p in glob.glob(corpus, recursive=True) if os.path.isfile(p))
+        if not paths:
+            raise ConfigError("data.corpus", f"the glob {corpus!r} matches no files")
+        return [(p, p) for p in paths]
+    if os.path.isdir(corpus):
+        paths = []
+        for dirpath, dirnames, filenames in os.walk(corpus):
+            dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+            paths += [os.path.join(dirpath, f) for f in filenames if not f.startswith(".")]
+        return [(os.path.relpath(p, corpus), p) for p in sorted(paths)]
+    if os.path.isfile(corpus):
+        return [(os.path.basename(corpus), corpus)]
+    raise ConfigError("data.corpus", f"no such file or directory: {corpus} (allowed: 'stdlib', a file, a "
+                      "directory, a glob, or a .jsonl file)")
+
+
+def fingerprint(corpus: str, text_field: str) -> str:
+    """Changes when the corpus's files change (names, sizes, modification times) or its Python version."""
+    h = hashlib.sha256(f"{corpus}\n{text_field}\n".encode())
+    if corpus == "stdlib":
+        h.update(f"python {sys.version_info[:3]}\n".encode())
+    for doc_id, path in _corpus_files(corpus):
+        st = os.stat(path)
+        h.update(f"{doc_id}\0{st.st_size}\0{'' if corpus == 'stdlib' else st.st_mtime_ns}\n".encode())
+    return h.hexdigest()
+
+
+def documents(corpus: str, text_field: str = "text") -> Iterator[Document]:
+    """The corpus's documents in a fixed order."""
+    for doc_id, path in _corpus_files(corpus):
+        if path.endswith(".jsonl"):
+            with open(path, "rb") as f:
+                for line_no, line in enumerate(f, 1):
+                    if not line.strip():
+                        continue
+                    try:
+                        record = json.loads(line)
+                        text = record[text_field]
+                    except (json.JSONDecodeError, KeyError, TypeError):
+                        raise ConfigError("data.text_field", f"{path}:{line_no} is not a JSON object with a "
+                                          f"{text_field!r} field") from None
+                    yield Document(str(record.get("id", f"{doc_id}:{line_no}")), str(text).encode("utf-8"))
+        else:
+            with open(path, "rb") as f:
+                yield Document(doc_id, f.read())
+
+
+def is_validation(doc_id: str, val_fraction: float) -> bool:
+    """Stable split: the first 8 bytes of sha256(id) as a fraction of 2^64, below val_fraction."""
+    u = int.from_bytes(hashlib.sha256(doc_id.encode()).digest()[:8], "big") / 2.0**64
+    return u < val_fraction
+
+
+def split_documents(corpus: str, text_field: str, val_fraction: float) -> dict[str, list[Document]]:
+    splits: dict[str, list[Document]] = {"train": [], "val": []}
+    for doc in documents(corpus, text_field):
+        splits["val" if is_validation(doc.id, val_fraction) else "train"].append(doc)
+    return splits
+
+
+# ---------------------------------------------------------------------- token caches
+def cache_dir_for(data_cfg) -> str:
+    key = hashlib.sha256(f"{data_cfg.corpus}\n{data_cfg.text_field}\n{data_cfg.val_fraction}".encode()).hexdigest()
+    name = "stdlib" if data_cfg.corpus == "stdlib" else os.path.basename(data_cfg.corpus.rstrip("/*")) or "corpus"
+    return os.path.join(os.path.expanduser(data_cfg.cache_dir), f"{name}-{key[:12]}")
+
+
+def _encode(tokenizer, docs: list[Document]) -> np.ndarray:
+    """Documents joined into one stream, each followed by the end-of-text token."""
+    if isinstance(tokenizer, BpeTokenizer):
+        pieces = tokenizer.encode_batch([d.data for d in docs])
+    else:
+        pieces = [tokenizer.encode(d.data) for d in docs]
+    eos = np.asarray([tokenizer.eos_id])
+    dtype = np.uint16 if tokenizer.vocab_size <= 2**16 else np.uint32
+    if not pieces:
+        return np.zeros(0, dtype)
+    return np.concatenate([np.concatenate([p, eos]) for p in pieces]).astype(dtype)
+
+
+def load_tokenizer(data_cfg, log=print):
+    """The configured tokenizer; a BPE is trained on the train split the first time (`scalax prepare`)."""
+    check_name(data_cfg.tokenizer)
+    if data_cfg.tokenizer == "byte":
+        return ByteTokenizer()
+    path = bpe_path(cache_dir_for(data_cfg))
+    if os.path.isfile(path):
+        tok = BpeTokenizer.load(path)
+        if tok.vocab_size <= data_cfg.bpe_vocab_size:
+            return tok
+        log(f"tokenizer {path} has {tok.vocab_size} tokens, more than data.bpe_vocab_size="
+            f"{data_cfg.bpe_vocab_size}; training a new one")
+    log(f"training a BPE tokenizer of {data_cfg.bpe_vocab_size} tokens on the train split of {data_cfg.corpus}")
+    splits = split_documents(data_cfg.corpus, data_cfg.text_field, data_cfg.val_fraction)
+    if not splits["train"]:
+        raise ConfigError("data.corpus", f"{data_cfg.corpus} is empty")
+    tok = BpeTokenizer.train((d.data for d in splits["train"]), data_cfg.bpe_vocab_size)
+    atomic_write_bytes(path, tok.to_str().encode())
+    return tok
+
+
+def load_splits(data_cfg, log=print) -> TokenSplits:
+    """Token streams of the train and validation splits, from the cache when it is up to date."""
+    tokenizer = load_tokenizer(data_cfg, log)
+    directory = cache_dir_for(data_cfg)
+    header_path = os.path.join(directory, "header.json")
+    current = fingerprint(data_cfg.corpus, data_cfg.text_field)
+    header = None
+    if os.path.isfile(header_path):
+        with open(header_path) as f:
+            header = json.load(f)
+        if header.get("version") != CACHE_VERSION or header.get("fingerprint") != current:
+            log(f"token cache {directory} is out of date (the corpus changed); rebuilding it")
+            header = None
+        elif header.get("tokenizer", {}).get("hash") != tokenizer.hash:
+            log(f"token cache {directory} was made by another tokenizer "
+                f"({header.get('tokenizer', {}).get('name')}, hash {header.get('tokenizer', {}).get('hash', '')[:12]});"
+                f" rebuilding it for {tokenizer.name} (hash {tokenizer.hash[:12]})")
+            header = None
+    if header is None:
+        header = _build_cache(data_cfg, tokenizer, directory, current, log)
+    arrays = {s: np.memmap(os.path.join(directory, f"{s}.bin"), dtype=header["dtype"], mode="r",
+                           shape=(header["counts"][s]["tokens"],)) if header["counts"][s]["tokens"] else
+              np.zeros(0, header["dtype"]) for s in SPLITS}
+    return TokenSplits(arrays["train"], arrays["val"], header, tokenizer)
+
+
+def _build_cache(data_cfg, tokenizer, directory: str, current_fingerprint: str, log) -> dict:
+    log(f"tokenizing {data_cfg.corpus} with the {tokenizer.name} tokenizer into {directory}")
+    splits = split_documents(data_cfg.corpus, data_cfg.text_field, data_cfg.val_fraction)
+    all_docs = splits["train"] + splits["val"]
+    if not all_docs or not any(d.data for d in all_docs):
+        raise ConfigError("data.corpus", f"{data_cfg.corpus} is empty")
+    streams = {s: _encode(tokenizer, splits[s]) for s in SPLITS}
+    counts = {s: {"documents": len(splits[s]), "bytes": sum(len(d.data) for d in splits[s])} for s in SPLITS}
+    if not splits["train"] or not splits["val"]:
+        # Too few documents to split by document: the tail of the token stream becomes validation.
+        joined = _encode(tokenizer, all_docs)
+        cut = len(joined) - max(1, int(len(joined) * data_cfg.val_fraction))
+        streams = {"train": joined[:cut], "val": joined[cut:]}
+        total_bytes = sum(len(d.data) for d in all_docs)
+        counts = {s: {"documents": 0, "bytes": total_bytes * len(streams[s]) / len(joined)} for s in SPLITS}
+        log(f"{data_cfg.corpus} has too few documents to split by document; the last "
+            f"{len(streams['val'])} tokens are the validation split")
+    for s in SPLITS:
+        counts[s]["tokens"] = len(streams[s])
+        atomic_write_bytes(os.path.join(directory, f"{s}.bin"), streams[s].tobytes())
+    max_id = max((int(streams[s].max()) for s in SPLITS if len(streams[s])), default=0)
+    header = {"version": CACHE_VERSION, "corpus": data_cfg.corpus, "text_field": data_cfg.text_field,
+              "val_fraction": data_cfg.val_fraction, "fingerprint": current_fingerprint,
+              "tokenizer": {"name": tokenizer.name, "hash": tokenizer.hash, "vocab_size": tokenizer.vocab_size},
+              "dtype": np.dtype(streams["train"].dtype).name, "max_token_id": max_id, "counts": counts}
+    atomic_write_json(os.path.join(directory, "header.json"), header)  # written last: the cache is complete
+    return header

@@ -1,0 +1,65 @@
+"""The grain input pipeline: windows of seq_len + 1 tokens, a seeded shuffle per epoch, this process's slice,
+batches, prefetch. The iterator's state (`get_state()`) goes into every checkpoint.
+
+Window i is tokens[i·T : i·T + T + 1]: consecutive windows overlap by one token, so every token but the first
+is a target exactly once an epoch. Global batch b holds shuffled windows [b·B, (b+1)·B); process p of P reads
+rows p, p + P, ... of it, so the global batch is the same whatever the process count.
+"""
+
+from __future__ import annotations
+
+import grain
+import numpy as np
+
+from scalax.errors import ConfigError
+
+
+class Windows:
+    """Random-access source of [seq_len + 1] int32 windows over a flat token array."""
+
+    def __init__(self, tokens: np.ndarray, seq_len: int):
+        self.tokens = tokens
+        self.seq_len = seq_len
+
+    def __len__(self) -> int:
+        return max(0, (len(self.tokens) - 1) // self.seq_len)
+
+    def __getitem__(self, i: int) -> np.ndarray:
+        start = int(i) * self.seq_len
+        return np.asarray(self.tokens[start : start + self.seq_len + 1], np.int32)
+
+
+def check_tokens(tokens: np.ndarray, seq_len: int, vocab_size: int, max_token_id: int, split: str) -> None:
+    """Refuse a split too short for one window, or token ids the model's embedding cannot hold (an
+    out-of-range id in an embedding lookup gives a silent NaN, not an error)."""
+    if len(tokens) < seq_len + 1:
+        key = "data.val_fraction" if split == "val" else "data.corpus"
+        raise ConfigError(key, f"the {split} split has {len(tokens)} tokens; one window needs train.seq_len + 1 = "
+                          f"{seq_len + 1}: use a larger corpus or a shorter train.seq_len")
+    if max_token_id >= vocab_size:
+        raise ConfigError("model.vocab_size", f"{vocab_size} is too small for the token ids of this corpus "
+                          f"(up to {max_token_id}); allowed: at least {max_token_id + 1}")
+
+
+def train_dataset(tokens: np.ndarray, seq_len: int, global_batch: int, seed: int, process_index: int = 0,
+                  process_count: int = 1) -> grain.MapDataset:
+    """An endless MapDataset of this process's [global_batch / process_count, seq_len + 1] batches."""
+    if global_batch % process_count:
+        raise ConfigError("train.batch_size", f"{global_batch} is not divisible by the process count {process_count}")
+    ds = grain.MapDataset.source(Windows(tokens, seq_len)).shuffle(seed=seed).repeat(None)
+    ds = ds[process_index::process_count]
+    return ds.batch(global_batch // process_count, drop_remainder=True)
+
+
+def iterator(ds: grain.MapDataset, prefetch: int = 16) -> grain.DatasetIterator:
+    """A checkpointable iterator with `prefetch` batches read ahead on background threads."""
+    options = grain.ReadOptions(num_threads=2, prefetch_buffer_size=prefetch)
+    return iter(ds.to_iter_dataset(options))
+
+
+def eval_windows(tokens: np.ndarray, seq_len: int, count: int) -> np.ndarray:
+    """A fixed set of up to `count` validation windows, evenly spaced over the split: [n, seq_len + 1]."""
+    windows = Windows(tokens, seq_len)
+    n = min(count, len(windows))
+    idx = np.linspace(0, len(windows) - 1, n).round().astype(int) if n > 1 else np.zeros(n, int)
+    return np.stack([windows[i] for i in np.unique(idx)])

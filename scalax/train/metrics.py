@@ -1,0 +1,107 @@
+"""What a run reports: metrics.jsonl (one JSON object per logged step), TensorBoard scalars, and the peak
+FLOP/s that MFU is measured against. Only process 0 writes."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from scalax.io import atomic_write_text
+
+# Dense bf16 peak FLOP/s per device, by a substring of jax's device_kind (vendor data sheets).
+PEAK_FLOPS = {
+    "TPU v4": 275e12,
+    "TPU v5 lite": 197e12,  # v5e
+    "TPU v5p": 459e12,
+    "TPU v5": 459e12,
+    "TPU v6 lite": 918e12,  # v6e (Trillium)
+    "H200": 989e12,
+    "H100": 989e12,  # SXM
+    "A100": 312e12,
+}
+
+
+def measure_matmul_flops(dtype=jnp.float32, n: int = 1024, repeats: int = 5) -> float:
+    """Measured FLOP/s of an n x n matmul on the default device: the CPU's stand-in for a data-sheet peak."""
+    a = jnp.ones((n, n), dtype)
+    f = jax.jit(lambda x: x @ x)
+    f(a).block_until_ready()
+    best = math.inf
+    for _ in range(repeats):
+        t = time.perf_counter()
+        f(a).block_until_ready()
+        best = min(best, time.perf_counter() - t)
+    return 2 * n**3 / best
+
+
+def peak_flops_per_device(compute_dtype: str) -> tuple[float, str]:
+    """(peak FLOP/s, where the number comes from) for this process's devices."""
+    kind = jax.devices()[0].device_kind
+    for name, peak in PEAK_FLOPS.items():
+        if name in kind:
+            return peak, f"{kind} data sheet"
+    return measure_matmul_flops(jnp.dtype(compute_dtype)), f"measured {compute_dtype} matmul on {kind}"
+
+
+class MetricsLog:
+    """Appends records to `workdir/metrics.jsonl` and TensorBoard scalars to `workdir/tensorboard`."""
+
+    def __init__(self, workdir: str, enabled: bool = True):
+        self.enabled = enabled
+        self.path = os.path.join(workdir, "metrics.jsonl")
+        self._tb = None
+        if enabled:
+            from tensorboard.summary import Writer
+
+            self._tb = Writer(os.path.join(workdir, "tensorboard"))
+
+    def truncate_after(self, step: int) -> None:
+        """On resume: drop records of steps after the restored checkpoint, so each step appears once."""
+        if not self.enabled or not os.path.exists(self.path):
+            return
+        with open(self.path) as f:
+            records = [line for line in f if (s := _step_of(line)) is not None and s <= step]
+        atomic_write_text(self.path, "".join(records))
+
+    def write(self, record: dict) -> None:
+        if not self.enabled:
+            return
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        step = record["step"]
+        for key, value in record.items():
+            if key != "step" and isinstance(value, (int, float)) and np.isfinite(value):
+                self._tb.add_scalar(_tb_tag(key), float(value), step)
+
+    def flush(self) -> None:
+        if self._tb is not None:
+            self._tb.flush()
+
+    def close(self) -> None:
+        if self._tb is not None:
+            self._tb.close()
+
+
+def _step_of(line: str) -> int | None:
+    """The step of a record line; None for a line cut short by a kill."""
+    try:
+        return int(json.loads(line)["step"])
+    except (ValueError, KeyError, TypeError):
+        return None
+
+
+def _tb_tag(key: str) -> str:
+    """TensorBoard groups tags by prefix: train/..., eval/..., throughput/..., compute/..."""
+    if key in ("tokens_per_s", "mfu"):
+        return "throughput/" + key
+    if key.startswith("eval_"):
+        return "eval/" + key[len("eval_"):]
+    if key.startswith(("tokens", "flops", "wall")):
+        return "compute/" + key
+    return "train/" + key

@@ -1,0 +1,68 @@
+"""The pure train and eval steps: `train_step(state, batch) -> (state, metrics)`.
+
+A batch is int32 tokens [B, T + 1]: inputs are [:, :-1], targets [:, 1:]. The loss is the mean cross-entropy
+in nats per token, computed in float32 from the logits of the compute dtype, plus z_loss · mean(log Z)^2.
+With k microbatches the batch is split into k equal parts whose gradients are averaged (a lax.scan), which
+equals one step on the whole batch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from scalax.models import Decoder
+from scalax.train.state import TrainState
+
+
+def token_losses(model: Decoder, params, tokens_BxT1: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Per-token cross-entropy and log-partition, both float32 [B, T]."""
+    logits_BxTxV = model.apply({"params": params}, tokens_BxT1[:, :-1]).astype(jnp.float32)
+    log_z_BxT = jax.nn.logsumexp(logits_BxTxV, axis=-1)
+    target_logit_BxT = jnp.take_along_axis(logits_BxTxV, tokens_BxT1[:, 1:, None], axis=-1)[..., 0]
+    return log_z_BxT - target_logit_BxT, log_z_BxT
+
+
+def make_train_step(model: Decoder, tx: optax.GradientTransformation, schedule: optax.Schedule,
+                    microbatches: int = 1, z_loss: float = 0.0) -> Callable:
+    def loss_fn(params, tokens_BxT1):
+        ce_BxT, log_z_BxT = token_losses(model, params, tokens_BxT1)
+        ce = jnp.mean(ce_BxT)
+        return ce + z_loss * jnp.mean(jnp.square(log_z_BxT)), ce
+
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+
+    def train_step(state: TrainState, batch_BxT1: jax.Array) -> tuple[TrainState, dict]:
+        if microbatches == 1:
+            (_, ce), grads = grad_fn(state.params, batch_BxT1)
+        else:
+            micro_MxBxT1 = batch_BxT1.reshape(microbatches, -1, batch_BxT1.shape[-1])
+
+            def accumulate(carry, tokens):
+                (_, ce), grads = grad_fn(state.params, tokens)
+                return jax.tree.map(jnp.add, carry, (ce, grads)), None
+
+            zeros = (jnp.zeros((), jnp.float32), jax.tree.map(jnp.zeros_like, state.params))
+            (ce, grads), _ = jax.lax.scan(accumulate, zeros, micro_MxBxT1)
+            ce, grads = jax.tree.map(lambda x: x / microbatches, (ce, grads))
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        metrics = {"loss": ce, "grad_norm": optax.tree.norm(grads), "lr": schedule(state.step)}
+        new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state,
+                                  rng=jax.random.split(state.rng)[0])
+        return new_state, metrics
+
+    return train_step
+
+
+def make_eval_step(model: Decoder) -> Callable:
+    """Mean loss of each window: [N, T + 1] -> [N] float32 nats per token."""
+
+    def eval_step(params, windows_NxT1: jax.Array) -> jax.Array:
+        ce_NxT, _ = token_losses(model, params, windows_NxT1)
+        return jnp.mean(ce_NxT, axis=-1)
+
+    return eval_step

@@ -1,0 +1,145 @@
+"""Exact resume with real processes: SIGKILL, SIGTERM, a truncated latest checkpoint, a changed config."""
+
+import glob
+import json
+import os
+import signal
+import subprocess
+import sys
+import sysconfig
+import time
+
+import pytest
+
+from tests.conftest import REPO
+
+pytestmark = pytest.mark.slow
+STEPS = 60
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    """A small corpus (80 stdlib modules) and a token cache shared by the module's runs."""
+    root = tmp_path_factory.mktemp("corpus")
+    stdlib = sysconfig.get_paths()["stdlib"]
+    for path in sorted(glob.glob(os.path.join(stdlib, "*.py")))[:80]:
+        with open(path, "rb") as f:
+            (root / os.path.basename(path)).write_bytes(f.read())
+    return str(root), str(tmp_path_factory.mktemp("cache"))
+
+
+def command(corpus, workdir, *extra):
+    root, cache = corpus
+    return [sys.executable, "-m", "scalax", "train", "--config=configs/gpt.py:size=tiny", f"--workdir={workdir}",
+            f"--config.train.steps={STEPS}", "--config.train.checkpoint_every=10", "--config.train.log_every=1",
+            "--config.train.eval_every=1000", "--config.train.batch_size=16", "--config.train.seq_len=128",
+            "--config.optim.warmup_steps=5", f"--config.data.corpus={root}", f"--config.data.cache_dir={cache}",
+            *extra]
+
+
+def run(cmd, timeout=300):
+    return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, "JAX_PLATFORMS": "cpu"})
+
+
+def losses(workdir) -> dict[int, float]:
+    out = {}
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        for line in f:
+            record = json.loads(line)
+            if "loss" in record:
+                assert record["step"] not in out, f"step {record['step']} logged twice"
+                out[record["step"]] = record["loss"]
+    return out
+
+
+def last_step(workdir) -> int:
+    path = os.path.join(workdir, "metrics.jsonl")
+    if not os.path.exists(path):
+        return 0
+    with open(path) as f:
+        steps = [json.loads(line)["step"] for line in f if line.strip().endswith("}")]
+    return max(steps, default=0)
+
+
+@pytest.fixture(scope="module")
+def reference(corpus, tmp_path_factory):
+    workdir = str(tmp_path_factory.mktemp("reference") / "run")
+    proc = run(command(corpus, workdir))
+    assert proc.returncode == 0, proc.stderr
+    result = losses(workdir)
+    assert sorted(result) == list(range(1, STEPS + 1))
+    return workdir, result
+
+
+def interrupt_after(cmd, step, sig):
+    """Start a run, send `sig` once it has logged `step`; returns the finished process."""
+    workdir = cmd[5].split("=", 1)[1]
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    deadline = time.time() + 240
+    while last_step(workdir) < step:
+        assert proc.poll() is None, f"the run ended before step {step}: {proc.communicate()[1]}"
+        assert time.time() < deadline, "timed out waiting for the run"
+        time.sleep(0.01)
+    proc.send_signal(sig)
+    _, err = proc.communicate(timeout=120)
+    return proc, err
+
+
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM], ids=["SIGKILL", "SIGTERM"])
+def test_interrupted_run_resumes_bit_for_bit(corpus, reference, tmp_path, sig):
+    cmd = command(corpus, str(tmp_path / "run"))
+    proc, err = interrupt_after(cmd, 35, sig)
+    killed_at = last_step(str(tmp_path / "run"))
+    assert killed_at < STEPS, "the run finished before it could be interrupted"
+    if sig == signal.SIGTERM:
+        assert proc.returncode == 143, err
+        assert "SIGTERM: saved a checkpoint at step" in err and "Traceback" not in err
+        saved = int(err.split("at step ")[1].split()[0])
+        assert os.path.isdir(tmp_path / "run" / "checkpoints" / str(saved))
+    else:
+        assert proc.returncode == -signal.SIGKILL
+    again = run(cmd)
+    assert again.returncode == 0, again.stderr
+    assert "resuming" in again.stdout
+    assert losses(str(tmp_path / "run")) == reference[1]  # every step, bit for bit
+
+
+def test_truncated_latest_checkpoint_falls_back(corpus, reference, tmp_path):
+    workdir = str(tmp_path / "run")
+    assert run(command(corpus, workdir, "--config.train.steps=30")).returncode == 0
+    first = losses(workdir)
+    # Truncate every array file of the latest checkpoint (step 30), as a disk-full or killed copy would.
+    files = [p for p in glob.glob(os.path.join(workdir, "checkpoints", "30", "state", "**", "*"), recursive=True)
+             if os.path.isfile(p) and "/d/" in p]
+    assert files
+    for path in files:
+        with open(path, "r+b") as f:
+            f.truncate(os.path.getsize(path) // 2)
+    proc = run(command(corpus, workdir, "--config.train.steps=30"))
+    assert proc.returncode == 0, proc.stderr
+    assert "checkpoint step 30 is unreadable" in proc.stdout + proc.stderr
+    assert "resuming" in proc.stdout and "from step 20" in proc.stdout
+    # steps 21..30 were trained again from checkpoint 20: logged once each, equal to the first attempt's
+    assert sorted(first) == list(range(1, 31))
+    assert losses(workdir) == first
+    assert os.listdir(os.path.join(workdir, "checkpoints_unreadable"))  # the damaged step is kept aside
+
+
+def test_changed_model_config_is_refused(corpus, reference):
+    workdir, _ = reference
+    proc = run(command(corpus, workdir, "--config.model.n_layers=3", "--config.model.position=rope"))
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in proc.stderr
+    assert "model.n_layers (2 in the checkpoint, 3 now)" in lines[0]
+    assert "model.position ('learned' in the checkpoint, 'rope' now)" in lines[0]
+
+
+def test_finished_run_is_not_trained_again(corpus, reference):
+    workdir, expected = reference
+    proc = run(command(corpus, workdir))
+    assert proc.returncode == 0, proc.stderr
+    assert "already holds the run's final checkpoint" in proc.stdout
+    assert losses(workdir) == expected

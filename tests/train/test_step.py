@@ -1,0 +1,77 @@
+"""The train step: its loss against a float64 reference, gradient accumulation, z-loss."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from scalax.config import build
+from scalax.models import Decoder
+from scalax.train import optim
+from scalax.train.state import TrainState
+from scalax.train.step import make_eval_step, make_train_step
+from tests.conftest import init_params, random_tokens, small_config
+
+
+def setup(microbatches=1, z_loss=0.0, family="llama", sgd=False):
+    """A small model's state and jitted step; `sgd`: plain SGD (lr 1), whose update is minus the gradient."""
+    cfg = small_config(family)
+    model = Decoder(cfg)
+    ocfg = build("gpt", "").optim
+    ocfg.update(warmup_steps=0, lr=1e-2)
+    tx = optax.sgd(1.0) if sgd else optim.optimizer(ocfg, 10)
+    step = jax.jit(make_train_step(model, tx, optim.schedule(ocfg, 10), microbatches, z_loss))
+    params = init_params(cfg, 8)
+    state = TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
+                       rng=jax.random.PRNGKey(0))
+    return cfg, model, step, state
+
+
+def test_loss_is_mean_cross_entropy_in_nats():
+    cfg, model, step, state = setup()
+    batch = random_tokens(cfg, 4, 9)
+    _, metrics = step(state, batch)
+    logits = np.asarray(model.apply({"params": state.params}, batch[:, :-1]), np.float64)
+    logp = logits - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True)) \
+        - logits.max(-1, keepdims=True)
+    want = -np.take_along_axis(logp, np.asarray(batch[:, 1:, None]), -1).mean()
+    assert float(metrics["loss"]) == pytest.approx(want, rel=1e-5)
+    per_window = make_eval_step(model)(state.params, batch)
+    assert float(per_window.mean()) == pytest.approx(want, rel=1e-5)
+
+
+@pytest.mark.parametrize("k", [2, 4])
+def test_microbatches_equal_one_big_batch(k):
+    """The update (with SGD: minus the gradient, so no Adam normalisation amplifies rounding) is the same."""
+    cfg, _, step1, state = setup(1, sgd=True)
+    _, _, stepk, _ = setup(k, sgd=True)
+    batch = random_tokens(cfg, 8, 9, seed=3)
+    s1, m1 = step1(state, batch)
+    sk, mk = stepk(state, batch)
+    assert float(mk["loss"]) == pytest.approx(float(m1["loss"]), rel=1e-6)
+    assert float(mk["grad_norm"]) == pytest.approx(float(m1["grad_norm"]), rel=1e-5)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6, rtol=1e-6), sk.params, s1.params)
+    assert int(sk.step) == int(s1.step) == 1
+
+
+def test_z_loss_changes_the_update_not_the_logged_loss():
+    cfg, _, plain, state = setup(z_loss=0.0)
+    _, _, with_z, _ = setup(z_loss=1e-2)
+    batch = random_tokens(cfg, 4, 9)
+    s0, m0 = plain(state, batch)
+    s1, m1 = with_z(state, batch)
+    assert float(m0["loss"]) == pytest.approx(float(m1["loss"]), rel=1e-7)
+    diff = max(float(jnp.abs(a - b).max()) for a, b in zip(jax.tree.leaves(s0.params), jax.tree.leaves(s1.params),
+                                                             strict=True))
+    assert diff > 1e-6
+
+
+def test_training_steps_reduce_loss_on_a_fixed_batch():
+    cfg, _, step, state = setup()
+    batch = random_tokens(cfg, 4, 9)
+    first = None
+    for _ in range(10):
+        state, m = step(state, batch)
+        first = first if first is not None else float(m["loss"])
+    assert float(m["loss"]) < first - 0.5

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Sequence
 
@@ -85,6 +86,66 @@ def cmd_prepare(args: argparse.Namespace, overrides: list[str]) -> int:
     return 0
 
 
+def cmd_sweep(args: argparse.Namespace, overrides: list[str]) -> int:
+    """Run (or resume) a sweep, then fit and plot."""
+    from scalax import config as config_lib
+    from scalax.errors import ConfigError
+    from scalax.scaling import runner
+
+    if args.parallel <= 0:
+        raise ConfigError("--parallel", f"must be a positive integer, got {args.parallel}")
+    cfg = config_lib.load(args.config, overrides)
+    result = runner.run_sweep(cfg, args.workdir, args.parallel)
+    if "approach3" in result:
+        p = result["approach3"]
+        print(f"L(N, D) = {p['E']:.3f} + {p['A']:.4g}/N^{p['alpha']:.3f} + {p['B']:.4g}/D^{p['beta']:.3f}; "
+              f"N_opt ∝ C^{p['a']:.3f}, D_opt ∝ C^{p['b']:.3f}; see {args.workdir}/report.md")
+    return 0
+
+
+def cmd_fit(args: argparse.Namespace, overrides: list[str]) -> int:
+    """Fit a sweep directory or a CSV (params, tokens, loss[, flops])."""
+    from scalax.errors import ConfigError
+    from scalax.scaling import fit as fit_lib
+    from scalax.scaling import runner
+
+    if bool(args.csv) == bool(args.dir):
+        raise ConfigError("scalax fit", "give a sweep directory or --csv FILE (one of them)")
+    if args.csv:
+        runs = fit_lib.read_csv(args.csv)
+    else:
+        ledger = runner.Ledger(args.dir)
+        if not ledger.records:
+            raise ConfigError("scalax fit", f"{args.dir} holds no runs.jsonl")
+        runs = fit_lib.runs_from_records(list(ledger.records.values()), f"params_{args.params}", f"flops_{args.flops}")
+    runs = fit_lib.drop_outliers(runs, args.drop_highest)
+    result = runner._jsonable(fit_lib.fit(runs, args.approach, bootstrap=args.bootstrap, level=args.level,
+                                          seed=args.seed))
+    if args.json:
+        print(json.dumps(result, indent=2))
+        return 0
+    for name, approach in result.items():
+        scalars = {k: v for k, v in approach.items() if isinstance(v, float)}
+        print(name, " ".join(f"{k}={v:.4g}" for k, v in scalars.items()))
+        for key in ("a", "b"):
+            if isinstance(approach.get(key), dict):
+                print(f"  {key}: exponent {approach[key]['exponent']:.4f} (R² {approach[key]['r2']:.4f})")
+    return 0
+
+
+def cmd_plot(args: argparse.Namespace, overrides: list[str]) -> int:
+    """Fit and plot a sweep directory again (fit.json, report.md, plots/)."""
+    from scalax import config as config_lib
+    from scalax.errors import ConfigError
+    from scalax.scaling import runner
+
+    path = os.path.join(args.dir, "sweep.json")
+    if not os.path.isfile(path):
+        raise ConfigError("scalax plot", f"{args.dir} is not a sweep directory (no sweep.json)")
+    runner.finish(args.dir, config_lib.load(path, overrides))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="scalax", description="Language-model scaling experiments in JAX.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -104,6 +165,29 @@ def build_parser() -> argparse.ArgumentParser:
                              description="Override any config field with --config.KEY=VALUE.")
     prepare.add_argument("--config", required=True)
     prepare.set_defaults(func=cmd_prepare)
+
+    sweep = sub.add_parser("sweep", help="run a sweep (resumable), then fit and plot")
+    sweep.add_argument("--config", required=True, help="a sweep config, e.g. configs/sweeps/quickstart.py")
+    sweep.add_argument("--workdir", required=True)
+    sweep.add_argument("--parallel", type=int, default=1, help="runs trained at once")
+    sweep.set_defaults(func=cmd_sweep)
+
+    fit = sub.add_parser("fit", help="fit scaling laws to a sweep directory or a CSV")
+    fit.add_argument("dir", nargs="?", help="a sweep directory (its runs.jsonl)")
+    fit.add_argument("--csv", help="a CSV with columns params, tokens, loss (optional flops)")
+    fit.add_argument("--approach", default="all", help="1, 2, 3 or all")
+    fit.add_argument("--bootstrap", type=int, default=0, help="resamples over runs for confidence intervals")
+    fit.add_argument("--level", type=float, default=0.8, help="confidence level of the intervals")
+    fit.add_argument("--drop-highest", type=int, default=0, help="drop the k highest losses")
+    fit.add_argument("--params", default="non_embedding", help="N of a sweep: non_embedding or total")
+    fit.add_argument("--flops", default="6n", help="C of a sweep: 6n, 6n_head, 6n_head_attn or exact")
+    fit.add_argument("--seed", type=int, default=0)
+    fit.add_argument("--json", action="store_true")
+    fit.set_defaults(func=cmd_fit)
+
+    plot = sub.add_parser("plot", help="fit and plot a sweep directory")
+    plot.add_argument("dir")
+    plot.set_defaults(func=cmd_plot)
     return parser
 
 

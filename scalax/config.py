@@ -13,6 +13,7 @@ from __future__ import annotations
 import ast
 import dataclasses
 import importlib.util
+import json
 import os
 from collections.abc import Sequence
 from typing import Any
@@ -116,8 +117,14 @@ def build(family: str, arg: str | None) -> ml_collections.ConfigDict:
 def load(spec: str, overrides: Sequence[str] = ()) -> ml_collections.ConfigDict:
     """Load `path.py[:arg]`, call its get_config(arg), then apply `--config.KEY=VALUE` overrides."""
     path, _, arg = spec.partition(":")
+    if path.endswith(".json") and os.path.isfile(path):  # a resolved config, as runs and sweeps write them
+        with open(path) as f:
+            cfg = ml_collections.ConfigDict(json.load(f))
+        for item in overrides:
+            apply_override(cfg, item)
+        return cfg
     if not path.endswith(".py"):
-        raise ConfigError("--config", f"expected a config file PATH.py[:ARG], got {spec!r}")
+        raise ConfigError("--config", f"expected a config file PATH.py[:ARG] or PATH.json, got {spec!r}")
     if not os.path.isfile(path):
         # Fall back to the checkout's own configs/ (an editable install run from another directory).
         beside_package = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), path)

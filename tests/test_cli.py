@@ -121,3 +121,43 @@ def test_train_user_errors_one_line(capsys, tmp_path, overrides, key, allowed):
     assert len(lines) == 1, err
     assert key in lines[0] and allowed in lines[0], lines[0]
     assert not os.path.exists(tmp_path / "run" / "checkpoints" / "1")
+
+
+def test_fit_csv_json(capsys, tmp_path):
+    from tests.scaling.test_fit import isoflop_grid
+
+    runs = isoflop_grid(budgets=4, sizes=5, lo=1 / 4, hi=4)
+    path = tmp_path / "runs.csv"
+    path.write_text("params,tokens,loss\n" + "".join(
+        f"{float(n)!r},{float(d)!r},{float(loss)!r}\n" for n, d, loss in zip(runs.params, runs.tokens, runs.loss,
+                                                                              strict=True)))
+    rc, out, _ = run_cli(capsys, "fit", "--csv", str(path), "--json", "--bootstrap", "10")
+    assert rc == 0
+    result = json.loads(out)
+    assert {"approach1", "approach2", "approach3"} <= set(result)
+    p = result["approach3"]
+    assert {"E", "A", "B", "alpha", "beta", "a", "b", "ci"} <= set(p)
+    assert p["alpha"] == pytest.approx(0.348, rel=1e-3) and p["E"] == pytest.approx(1.82, rel=1e-3)
+
+
+@pytest.mark.parametrize("argv,words", [
+    (["fit", "--csv", "{tmp}/nope.csv"], "no such file"),
+    (["fit", "--csv", "{tmp}/bad.csv"], "lacks the column(s) loss"),
+    (["fit", "--csv", "{tmp}/text.csv"], "is not a number"),
+    (["fit", "--csv", "{tmp}/negative.csv"], "must be a positive number"),
+    (["fit"], "give a sweep directory or --csv FILE"),
+    (["fit", "--csv", "{tmp}/bad.csv", "--approach", "4"], "lacks the column"),
+    (["sweep", "--config=configs/sweeps/quickstart.py", "--workdir={tmp}/s", "--config.sweep.n_budgets=0"],
+     "sweep.n_budgets"),
+    (["sweep", "--config=configs/sweeps/quickstart.py", "--workdir={tmp}/s", "--config.sweep.budget_max=1e3",
+      "--config.sweep.budget_min=1e3"], "too small for any llama model"),
+    (["plot", "{tmp}"], "not a sweep directory"),
+])
+def test_fit_sweep_plot_user_errors_one_line(capsys, tmp_path, argv, words):
+    (tmp_path / "bad.csv").write_text("params,tokens\n1,2\n")
+    (tmp_path / "text.csv").write_text("params,tokens,loss\n1e6,2e7,low\n")
+    (tmp_path / "negative.csv").write_text("params,tokens,loss\n1e6,2e7,-3\n")
+    rc, _, err = run_cli(capsys, *[a.format(tmp=tmp_path) for a in argv])
+    assert rc == cli.EXIT_USER_ERROR
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and words in lines[0], err

@@ -1,0 +1,410 @@
+"""Scaling-law fits: Chinchilla approaches 1-3 (Hoffmann et al. 2022), Kaplan-style power laws, bootstrap CIs.
+
+Inputs are runs: parameters N, tokens D, final loss L, and compute C (6·N·D unless given). Which N and which
+FLOPs convention a sweep used is recorded beside the fit (`fit.json`).
+
+- Approach 1: the envelope of minimal loss per compute (per budget, or per log-spaced compute bin): the runs
+  on it give N_opt ∝ C^a and D_opt ∝ C^b by least squares in log-log.
+- Approach 2: per budget, a parabola of L in log N; its vertex N*, D* = C / (6 N*); power laws in C. A budget
+  whose vertex falls outside its sampled sizes (or whose parabola opens downwards) is reported and dropped.
+- Approach 3: L(N, D) = E + A/N^alpha + B/D^beta as Hoffmann et al. fit it: the Huber loss (delta 1e-3) of
+  log L against LSE(a - alpha log N, b - beta log D, e) with A = e^a, B = e^b, E = e^e, summed over runs,
+  minimised by L-BFGS from each of their 4500 starts (alpha, beta in {0, 0.5, ..., 2}, e in {-1, -0.5, ..., 1},
+  a, b in {0, 5, ..., 25}); the best is kept. The compute-optimal frontier is closed form:
+  N_opt = G (C/6)^a, D_opt = (C/6)^b / G, G = (alpha A / (beta B))^(1/(alpha+beta)), a = beta/(alpha+beta),
+  b = alpha/(alpha+beta).
+- Kaplan: L(N) = (N_c/N)^alpha_N over the best loss of each size, L(C) = (C_c/C)^alpha_C over the envelope.
+- Bootstrap: resample runs with replacement, refit (approach 3 from the full-data optimum), percentile
+  intervals and standard errors of every parameter.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import itertools
+import math
+import os
+from collections.abc import Sequence
+
+import numpy as np
+from scipy import optimize
+
+from scalax.errors import ConfigError
+
+HUBER_DELTA = 1e-3
+GRID = {
+    "alpha": np.arange(0.0, 2.01, 0.5),
+    "beta": np.arange(0.0, 2.01, 0.5),
+    "e": np.arange(-1.0, 1.01, 0.5),
+    "a": np.arange(0.0, 25.1, 5.0),
+    "b": np.arange(0.0, 25.1, 5.0),
+}
+APPROACHES = ("1", "2", "3", "all")
+
+
+@dataclasses.dataclass(frozen=True)
+class Runs:
+    """Arrays of equal length: params N, tokens D, loss L, flops C."""
+
+    params: np.ndarray
+    tokens: np.ndarray
+    loss: np.ndarray
+    flops: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.loss)
+
+    def take(self, idx) -> Runs:
+        return Runs(self.params[idx], self.tokens[idx], self.loss[idx], self.flops[idx])
+
+    @classmethod
+    def of(cls, params, tokens, loss, flops=None) -> Runs:
+        params, tokens, loss = (np.asarray(x, np.float64) for x in (params, tokens, loss))
+        flops = 6 * params * tokens if flops is None else np.asarray(flops, np.float64)
+        return cls(params, tokens, loss, flops)
+
+
+def read_csv(path: str) -> Runs:
+    """Runs from a CSV with columns params, tokens, loss (and optionally flops)."""
+    if not os.path.isfile(path):
+        raise ConfigError("--csv", f"no such file: {path}")
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    columns = set(rows[0]) if rows else set()
+    missing = [c for c in ("params", "tokens", "loss") if c not in columns]
+    if missing:
+        raise ConfigError("--csv", f"{path} lacks the column(s) {', '.join(missing)}; needed: params, tokens, loss "
+                          "(optional: flops)")
+    names = ["params", "tokens", "loss"] + (["flops"] if "flops" in columns else [])
+    values = {n: [] for n in names}
+    for line_no, row in enumerate(rows, 2):
+        for n in names:
+            try:
+                v = float(row[n])
+            except (TypeError, ValueError):
+                raise ConfigError("--csv", f"{path}:{line_no}: {n} = {row[n]!r} is not a number") from None
+            if not (math.isfinite(v) and v > 0):
+                raise ConfigError("--csv", f"{path}:{line_no}: {n} = {row[n]!r} must be a positive number")
+            values[n].append(v)
+    return Runs.of(values["params"], values["tokens"], values["loss"], values.get("flops"))
+
+
+def drop_outliers(runs: Runs, drop_highest: int = 0) -> Runs:
+    """Drop non-finite losses and the `drop_highest` highest losses (ties at the cut dropped too)."""
+    keep = np.isfinite(runs.loss)
+    if drop_highest > 0:
+        cut = np.sort(runs.loss[keep])[-drop_highest]
+        keep &= runs.loss < cut
+    return runs.take(np.flatnonzero(keep))
+
+
+# ---------------------------------------------------------------------- approach 3
+def _objective(theta_Sx5: np.ndarray, log_n: np.ndarray, log_d: np.ndarray, log_l: np.ndarray,
+               weights: np.ndarray | None = None):
+    """Summed Huber loss and its gradient, for S parameter vectors (a, b, e, alpha, beta) at once."""
+    a, b, e, alpha, beta = (theta_Sx5[:, i : i + 1] for i in range(5))
+    t1, t2, t3 = a - alpha * log_n, b - beta * log_d, np.broadcast_to(e, (len(a), len(log_n)))
+    m = np.maximum(np.maximum(t1, t2), t3)
+    w1, w2, w3 = np.exp(t1 - m), np.exp(t2 - m), np.exp(t3 - m)
+    z = w1 + w2 + w3
+    r = m + np.log(z) - log_l
+    abs_r = np.abs(r)
+    huber = np.where(abs_r <= HUBER_DELTA, 0.5 * r**2, HUBER_DELTA * (abs_r - 0.5 * HUBER_DELTA))
+    dr = np.clip(r, -HUBER_DELTA, HUBER_DELTA)
+    if weights is not None:
+        huber, dr = huber * weights, dr * weights
+    g1, g2, g3 = dr * w1 / z, dr * w2 / z, dr * w3 / z
+    grad = np.stack([g1.sum(1), g2.sum(1), g3.sum(1), -(g1 * log_n).sum(1), -(g2 * log_d).sum(1)], axis=1)
+    return huber.sum(1), grad
+
+
+def _lbfgs(theta0: np.ndarray, data, weights=None) -> tuple[np.ndarray, float]:
+    def fun(theta):
+        f, g = _objective(theta[None], *data, weights)
+        return f[0], g[0]
+
+    res = optimize.minimize(fun, theta0, jac=True, method="L-BFGS-B",
+                            options={"maxiter": 2000, "gtol": 1e-12, "ftol": 1e-15})
+    return res.x, float(res.fun)
+
+
+def _batched_lbfgs(theta_Sx5: np.ndarray, data, weights=None, iterations: int = 200, memory: int = 8,
+                   gtol: float = 1e-7, ftol: float = 1e-11) -> tuple[np.ndarray, np.ndarray]:
+    """L-BFGS (two-loop recursion, backtracking Armijo line search) on S independent problems at once, in
+    numpy: each iteration evaluates all still-active starts in one vectorised call."""
+    x = theta_Sx5.astype(np.float64).copy()
+    f, g = _objective(x, *data, weights)
+    S = len(x)
+    s_hist, y_hist, rho = np.zeros((memory, S, 5)), np.zeros((memory, S, 5)), np.zeros((memory, S))
+    active = np.ones(S, bool)
+    for it in range(iterations):
+        idx = np.flatnonzero(active)
+        if not len(idx):
+            break
+        q = g[idx].copy()
+        alphas = np.zeros((memory, len(idx)))
+        newest = [(it - 1 - k) % memory for k in range(min(it, memory))]
+        for k in newest:
+            alphas[k] = rho[k, idx] * np.einsum("sj,sj->s", s_hist[k, idx], q)
+            q -= alphas[k][:, None] * y_hist[k, idx]
+        if newest:
+            k = newest[0]
+            yy = np.einsum("sj,sj->s", y_hist[k, idx], y_hist[k, idx])
+            gamma = np.where(yy > 0, 1.0 / np.maximum(rho[k, idx] * yy, 1e-300), 1.0)
+            q *= np.where(rho[k, idx] > 0, gamma, 1.0)[:, None]
+        for k in reversed(newest):
+            beta = rho[k, idx] * np.einsum("sj,sj->s", y_hist[k, idx], q)
+            q += s_hist[k, idx] * (alphas[k] - beta)[:, None]
+        d = -q
+        slope = np.einsum("sj,sj->s", d, g[idx])
+        bad = ~(slope < 0)
+        d[bad], slope[bad] = -g[idx][bad], -np.einsum("sj,sj->s", g[idx][bad], g[idx][bad])
+        step = np.ones(len(idx))
+        x_new, f_new, g_new = x[idx].copy(), f[idx].copy(), g[idx].copy()
+        pending = np.ones(len(idx), bool)
+        for _ in range(30):
+            p_idx = np.flatnonzero(pending)
+            if not len(p_idx):
+                break
+            trial = x[idx[p_idx]] + step[p_idx, None] * d[p_idx]
+            ft, gt = _objective(trial, *data, weights)
+            ok = np.isfinite(ft) & (ft <= f[idx[p_idx]] + 1e-4 * step[p_idx] * slope[p_idx])
+            x_new[p_idx[ok]], f_new[p_idx[ok]], g_new[p_idx[ok]] = trial[ok], ft[ok], gt[ok]
+            pending[p_idx[ok]] = False
+            step[p_idx[~ok]] *= 0.5
+        moved = ~pending
+        sv, yv = x_new - x[idx], g_new - g[idx]
+        sy = np.einsum("sj,sj->s", sv, yv)
+        slot = it % memory
+        good = moved & (sy > 1e-12)
+        s_hist[slot, idx], y_hist[slot, idx] = np.where(good[:, None], sv, 0), np.where(good[:, None], yv, 0)
+        rho[slot, idx] = np.where(good, 1.0 / np.where(good, sy, 1.0), 0.0)
+        converged = (~moved) | (np.abs(g_new).max(1) < gtol) | (np.abs(f[idx] - f_new) <= ftol * np.maximum(
+            np.abs(f_new), 1e-30))
+        x[idx], f[idx], g[idx] = x_new, f_new, g_new
+        active[idx[converged]] = False
+    return x, f
+
+
+def grid_starts() -> np.ndarray:
+    """Hoffmann et al.'s 4500 initialisations, as rows (a, b, e, alpha, beta)."""
+    return np.asarray([(a, b, e, al, be) for al, be, e, a, b in itertools.product(
+        GRID["alpha"], GRID["beta"], GRID["e"], GRID["a"], GRID["b"])])
+
+
+def _params_of(theta: np.ndarray) -> dict:
+    a, b, e, alpha, beta = (float(x) for x in theta)
+    return {"E": math.exp(e), "A": math.exp(a), "B": math.exp(b), "alpha": alpha, "beta": beta,
+            "a": beta / (alpha + beta), "b": alpha / (alpha + beta)}
+
+
+def fit_approach3(runs: Runs, starts: np.ndarray | None = None, weights=None) -> tuple[dict, np.ndarray]:
+    """L-BFGS from every start (all at once, vectorised), the best polished by scipy's L-BFGS-B to full
+    precision; returns (parameters, theta = (a, b, e, alpha, beta))."""
+    data = (np.log(runs.params), np.log(runs.tokens), np.log(runs.loss))
+    starts = grid_starts() if starts is None else np.atleast_2d(starts)
+    if len(starts) > 1:
+        thetas, values = _batched_lbfgs(starts, data, weights)
+        values = np.where(np.all(np.isfinite(thetas), axis=1), values, np.inf)
+        starts = thetas[int(np.argmin(values))]
+    best_theta, best_f = _lbfgs(np.ravel(starts), data, weights)
+    out = _params_of(best_theta)
+    out["objective"] = best_f
+    return out, best_theta
+
+
+def has_frontier(p: dict) -> bool:
+    """A compute-optimal frontier exists only when both terms fall with scale (alpha, beta, A, B > 0)."""
+    return p["alpha"] > 0 and p["beta"] > 0 and p["A"] > 0 and p["B"] > 0
+
+
+def frontier(p: dict, flops) -> tuple[np.ndarray, np.ndarray]:
+    """Closed-form compute-optimal N_opt(C), D_opt(C) under C = 6 N D (NaN when no frontier exists)."""
+    if not has_frontier(p):
+        nan = np.full(np.shape(flops), np.nan)
+        return nan, nan
+    alpha, beta = p["alpha"], p["beta"]
+    g = (alpha * p["A"] / (beta * p["B"])) ** (1 / (alpha + beta))
+    c6 = np.asarray(flops, np.float64) / 6
+    return g * c6 ** (beta / (alpha + beta)), c6 ** (alpha / (alpha + beta)) / g
+
+
+def law(p: dict, params, tokens) -> np.ndarray:
+    return p["E"] + p["A"] / np.asarray(params, np.float64) ** p["alpha"] + p["B"] / np.asarray(tokens) ** p["beta"]
+
+
+# ---------------------------------------------------------------------- approaches 1 and 2, Kaplan
+def _power_law(x, y) -> dict:
+    """y = k x^slope by least squares in log-log, with R²."""
+    lx, ly = np.log(x), np.log(y)
+    slope, intercept = np.polyfit(lx, ly, 1)
+    resid = ly - (slope * lx + intercept)
+    ss_tot = float(((ly - ly.mean()) ** 2).sum())
+    return {"exponent": float(slope), "coefficient": float(math.exp(intercept)),
+            "r2": 1 - float((resid**2).sum()) / ss_tot if ss_tot > 0 else float("nan")}
+
+
+def budgets(runs: Runs, rtol: float = 1e-3) -> list[np.ndarray]:
+    """Indices of runs grouped by compute budget (equal within rtol), smallest budget first."""
+    order = np.argsort(runs.flops)
+    groups: list[list[int]] = []
+    for i in order:
+        if groups and abs(runs.flops[i] / runs.flops[groups[-1][0]] - 1) <= rtol:
+            groups[-1].append(i)
+        else:
+            groups.append([i])
+    return [np.asarray(g) for g in groups]
+
+
+def fit_approach1(runs: Runs, bins: int = 0) -> dict:
+    """Envelope: the lowest loss per budget (or per log-spaced compute bin when `bins` > 0)."""
+    if bins > 0:
+        edges = np.linspace(np.log(runs.flops.min()), np.log(runs.flops.max()) * (1 + 1e-12), bins + 1)
+        ids = np.digitize(np.log(runs.flops), edges) - 1
+        groups = [np.flatnonzero(ids == k) for k in range(bins) if np.any(ids == k)]
+    else:
+        groups = budgets(runs)
+    best = np.asarray([g[np.argmin(runs.loss[g])] for g in groups])
+    if len(best) < 2:
+        raise ConfigError("runs", "approach 1 needs at least two compute budgets")
+    env = runs.take(best)
+    return {"a": _power_law(env.flops, env.params), "b": _power_law(env.flops, env.tokens),
+            "envelope": {"flops": env.flops.tolist(), "params": env.params.tolist(), "tokens": env.tokens.tolist(),
+                         "loss": env.loss.tolist()}}
+
+
+def fit_approach2(runs: Runs) -> dict:
+    """A parabola per budget; vertices at the edge (or of downward parabolas) are reported and dropped."""
+    kept, dropped = [], []
+    for g in budgets(runs):
+        c = float(runs.flops[g].mean())
+        if len(np.unique(runs.params[g])) < 3:
+            dropped.append({"flops": c, "reason": f"{len(np.unique(runs.params[g]))} sizes; a parabola needs 3"})
+            continue
+        x, y = np.log(runs.params[g]), runs.loss[g]
+        x0 = float(x.mean())  # centred for a well-conditioned fit; coefficients reported in log N itself
+        k2, k1c, k0c = np.polyfit(x - x0, y, 2)
+        k1, k0 = k1c - 2 * k2 * x0, k0c - k1c * x0 + k2 * x0**2
+        resid = y - np.polyval([k2, k1, k0], x)
+        r2 = 1 - float((resid**2).sum()) / float(((y - y.mean()) ** 2).sum() or np.nan)
+        if k2 <= 0:
+            dropped.append({"flops": c, "reason": "the parabola opens downwards", "r2": r2})
+            continue
+        x_star = -k1 / (2 * k2)
+        if not x.min() < x_star < x.max():
+            dropped.append({"flops": c, "reason": "the minimum sits at the edge of the sampled sizes",
+                            "n_star": math.exp(x_star), "r2": r2})
+            continue
+        n_star = math.exp(x_star)
+        kept.append({"flops": c, "n_star": n_star, "d_star": c / (6 * n_star),
+                     "loss_star": float(np.polyval([k2, k1, k0], x_star)), "r2": r2,
+                     "coefficients": [float(k2), float(k1), float(k0)]})
+    out: dict = {"budgets": kept, "dropped": dropped}
+    if len(kept) >= 2:
+        c = np.asarray([k["flops"] for k in kept])
+        out["a"] = _power_law(c, np.asarray([k["n_star"] for k in kept]))
+        out["b"] = _power_law(c, np.asarray([k["d_star"] for k in kept]))
+    return out
+
+
+def fit_kaplan(runs: Runs) -> dict:
+    """L(N) = (N_c/N)^alpha_N over each size's best loss; L(C) = (C_c/C)^alpha_C over the envelope."""
+    sizes = np.unique(runs.params)
+    best_per_size = np.asarray([runs.loss[runs.params == n].min() for n in sizes])
+    out = {}
+    if len(sizes) >= 2:
+        ln = _power_law(sizes, best_per_size)
+        out["L_N"] = {"alpha_N": -ln["exponent"], "N_c": ln["coefficient"] ** (1 / -ln["exponent"])
+                      if ln["exponent"] else float("nan"), "r2": ln["r2"]}
+    env = fit_approach1(runs)["envelope"] if len(budgets(runs)) >= 2 else None
+    if env is not None:
+        lc = _power_law(np.asarray(env["flops"]), np.asarray(env["loss"]))
+        out["L_C"] = {"alpha_C": -lc["exponent"], "C_c": lc["coefficient"] ** (1 / -lc["exponent"])
+                      if lc["exponent"] else float("nan"), "r2": lc["r2"]}
+    return out
+
+
+# ---------------------------------------------------------------------- bootstrap and the whole fit
+def _flat(result: dict) -> dict[str, float]:
+    """The scalar parameters a bootstrap reports on."""
+    out = {}
+    for name, approach in result.items():
+        if name == "approach3":
+            out.update({f"approach3.{k}": approach[k] for k in ("E", "A", "B", "alpha", "beta", "a", "b")})
+        elif name in ("approach1", "approach2") and "a" in approach:
+            out[f"{name}.a"], out[f"{name}.b"] = approach["a"]["exponent"], approach["b"]["exponent"]
+    return out
+
+
+def fit(runs: Runs, approach: str = "all", bootstrap: int = 0, level: float = 0.8, seed: int = 0,
+        starts: np.ndarray | None = None) -> dict:
+    """All requested approaches, each with its parameters; `ci` from `bootstrap` resamples over runs."""
+    if approach not in APPROACHES:
+        raise ConfigError("--approach", f"unknown approach {approach!r}; allowed: {', '.join(APPROACHES)}")
+    if len(runs) < 5:
+        raise ConfigError("runs", f"{len(runs)} runs are too few to fit; at least 5 are needed")
+    result: dict = {}
+    if approach in ("1", "all"):
+        result["approach1"] = fit_approach1(runs)
+    if approach in ("2", "all"):
+        result["approach2"] = fit_approach2(runs)
+    theta = None
+    if approach in ("3", "all"):
+        result["approach3"], theta = fit_approach3(runs, starts)
+    if approach == "all":
+        result["kaplan"] = fit_kaplan(runs)
+    if bootstrap > 0:
+        rng = np.random.default_rng(seed)
+        samples: dict[str, list[float]] = {k: [] for k in _flat(result)}
+        for _ in range(bootstrap):
+            idx = rng.integers(0, len(runs), len(runs))
+            sample = runs.take(idx)
+            res: dict = {}
+            try:
+                if "approach1" in result:
+                    res["approach1"] = fit_approach1(sample)
+                if "approach2" in result:
+                    res["approach2"] = fit_approach2(sample)
+            except (ConfigError, np.linalg.LinAlgError, ValueError):
+                pass
+            if theta is not None:
+                res["approach3"], _ = fit_approach3(sample, theta)
+            for k, v in _flat(res).items():
+                samples[k].append(v)
+        lo, hi = (1 - level) / 2, (1 + level) / 2
+        for name, approach_result in result.items():
+            prefix = f"{name}."
+            ci = {k[len(prefix):]: {"low": float(np.quantile(v, lo)), "high": float(np.quantile(v, hi)),
+                                    "se": float(np.std(v, ddof=1)), "n": len(v)}
+                  for k, v in samples.items() if k.startswith(prefix) and len(v) > 1}
+            if ci:
+                approach_result["ci"] = {"level": level, **ci}
+    return result
+
+
+def predict_largest_budget(runs: Runs, starts: np.ndarray | None = None) -> dict | None:
+    """Fit approach 3 on all budgets but the largest; predict the best loss there and compare."""
+    groups = budgets(runs)
+    if len(groups) < 3:
+        return None
+    train = runs.take(np.concatenate(groups[:-1]))
+    held = runs.take(groups[-1])
+    p, _ = fit_approach3(train, starts)
+    if not has_frontier(p):
+        return {"error": "the law fitted on the smaller budgets has no compute-optimal frontier "
+                f"(alpha {p['alpha']:.3g}, beta {p['beta']:.3g})", "fitted_on_budgets": len(groups) - 1}
+    c = float(held.flops.mean())
+    n_opt, d_opt = frontier(p, c)
+    predicted = float(law(p, n_opt, d_opt))
+    observed = float(held.loss.min())
+    return {"flops": c, "predicted_best_loss": predicted, "observed_best_loss": observed,
+            "error": predicted - observed, "relative_error": (predicted - observed) / observed,
+            "n_opt": float(n_opt), "fitted_on_budgets": len(groups) - 1}
+
+
+def runs_from_records(records: Sequence[dict], params_key: str, flops_key: str) -> Runs:
+    """Runs from sweep ledger records that finished with a finite eval loss."""
+    ok = [r for r in records if r.get("status") == "finished" and math.isfinite(r.get("eval_loss", math.nan))]
+    return Runs.of([r[params_key] for r in ok], [r["tokens"] for r in ok], [r["eval_loss"] for r in ok],
+                   [r[flops_key] for r in ok])

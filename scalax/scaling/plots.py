@@ -1,0 +1,160 @@
+"""The figures of a sweep: IsoFLOP curves with their parabolas and minima; N_opt and D_opt against C with the
+fitted lines and bootstrap bands; loss against compute with the fitted frontier; the parametric law's
+contours with the runs on top. PNG and SVG, and the PNGs into TensorBoard as images."""
+
+from __future__ import annotations
+
+import os
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+import numpy as np
+
+from scalax.scaling import fit as fit_lib
+
+
+def _legend(ax) -> None:
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=8)
+
+
+def _save(fig, directory: str, name: str) -> str:
+    os.makedirs(directory, exist_ok=True)
+    fig.tight_layout()
+    for ext in ("png", "svg"):
+        fig.savefig(os.path.join(directory, f"{name}.{ext}"), dpi=120)
+    plt.close(fig)
+    return os.path.join(directory, f"{name}.png")
+
+
+def plot_all(result: dict, runs: fit_lib.Runs, directory: str) -> list[str]:
+    """Every figure of a fit; figures from an earlier fit that no longer apply are removed."""
+    for stale in ("law_contours.png", "law_contours.svg"):
+        if os.path.exists(os.path.join(directory, stale)):
+            os.remove(os.path.join(directory, stale))
+    paths = [isoflop(result, runs, directory), optimal_vs_compute(result, runs, directory),
+             loss_vs_compute(result, runs, directory)]
+    if "approach3" in result and fit_lib.has_frontier(result["approach3"]):
+        paths.append(contours(result, runs, directory))
+    _to_tensorboard(paths, os.path.join(directory, "tensorboard"))
+    return paths
+
+
+def isoflop(result: dict, runs: fit_lib.Runs, directory: str) -> str:
+    fig, ax = plt.subplots(figsize=(6.4, 4.6))
+    groups = fit_lib.budgets(runs)
+    colors = plt.cm.viridis(np.linspace(0, 0.9, len(groups)))
+    fitted = {round(np.log(b["flops"]), 6): b for b in result.get("approach2", {}).get("budgets", [])}
+    for g, color in zip(groups, colors, strict=True):
+        c = runs.flops[g].mean()
+        ax.scatter(runs.params[g], runs.loss[g], color=color, label=f"C = {c:.2g}", zorder=3)
+        b = fitted.get(round(np.log(c), 6))
+        if b:
+            x = np.linspace(np.log(runs.params[g]).min(), np.log(runs.params[g]).max(), 100)
+            ax.plot(np.exp(x), np.polyval(b["coefficients"], x), color=color, lw=1)
+            ax.scatter([b["n_star"]], [b["loss_star"]], color=color, marker="*", s=160, edgecolor="k", zorder=4)
+    ax.set_xscale("log")
+    ax.set_xlabel("parameters N")
+    ax.set_ylabel("eval loss (nats/token)")
+    ax.set_title("IsoFLOP curves (approach 2): parabolas in log N, minima starred")
+    _legend(ax)
+    return _save(fig, directory, "isoflop")
+
+
+def _band(ax, flops, ci: dict | None, key: str, color: str) -> None:
+    """The frontier's band from the bootstrap interval of its exponent, pivoting at the runs' mean log C."""
+    if not ci or ("a" if key == "n_star" else "b") not in ci:
+        return
+    exponent = ci["a" if key == "n_star" else "b"]
+    line = ax.get_lines()[-1]
+    y = line.get_ydata()
+    pivot = np.exp(np.log(flops).mean())
+    lo = y * (flops / pivot) ** (exponent["low"] - np.log(y[-1] / y[0]) / np.log(flops[-1] / flops[0]))
+    hi = y * (flops / pivot) ** (exponent["high"] - np.log(y[-1] / y[0]) / np.log(flops[-1] / flops[0]))
+    ax.fill_between(flops, np.minimum(lo, hi), np.maximum(lo, hi), color=color, alpha=0.2,
+                    label=f"{ci['level']:.0%} bootstrap band of the exponent")
+
+
+def optimal_vs_compute(result: dict, runs: fit_lib.Runs, directory: str) -> str:
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4.2))
+    c = np.geomspace(runs.flops.min() / 2, runs.flops.max() * 4, 50)
+    for ax, key, label in ((axes[0], "n_star", "N_opt"), (axes[1], "d_star", "D_opt")):
+        a2 = result.get("approach2", {})
+        if a2.get("budgets"):
+            pts = np.asarray([[b["flops"], b[key]] for b in a2["budgets"]])
+            ax.scatter(pts[:, 0], pts[:, 1], color="C0", label="approach 2 minima", zorder=3)
+            law = a2.get("a" if key == "n_star" else "b")
+            if law:
+                ax.plot(c, law["coefficient"] * c ** law["exponent"], color="C0",
+                        label=f"approach 2: {label} ∝ C^{law['exponent']:.3f}")
+        if "approach3" in result and fit_lib.has_frontier(result["approach3"]):
+            p = result["approach3"]
+            n_opt, d_opt = fit_lib.frontier(p, c)
+            y = n_opt if key == "n_star" else d_opt
+            exponent = p["a"] if key == "n_star" else p["b"]
+            ax.plot(c, y, color="C3", ls="--", label=f"approach 3: {label} ∝ C^{exponent:.3f}")
+            _band(ax, c, result["approach3"].get("ci"), key, "C3")
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel("compute C (FLOPs)")
+        ax.set_ylabel(label)
+        _legend(ax)
+    fig.suptitle("Compute-optimal allocation")
+    return _save(fig, directory, "optimal_vs_compute")
+
+
+def loss_vs_compute(result: dict, runs: fit_lib.Runs, directory: str) -> str:
+    fig, ax = plt.subplots(figsize=(6.4, 4.6))
+    sc = ax.scatter(runs.flops, runs.loss, c=np.log10(runs.params), cmap="viridis", zorder=3)
+    fig.colorbar(sc, ax=ax, label="log10 N")
+    if "approach3" in result and fit_lib.has_frontier(result["approach3"]):
+        p = result["approach3"]
+        c = np.geomspace(runs.flops.min() / 2, runs.flops.max() * 4, 100)
+        n_opt, d_opt = fit_lib.frontier(p, c)
+        ax.plot(c, fit_lib.law(p, n_opt, d_opt), color="C3", label="fitted compute-optimal frontier")
+        ax.axhline(p["E"], color="gray", ls=":", label=f"E = {p['E']:.3f}")
+    ax.set_xscale("log")
+    ax.set_xlabel("compute C (FLOPs)")
+    ax.set_ylabel("eval loss (nats/token)")
+    ax.set_title("Loss against compute")
+    _legend(ax)
+    return _save(fig, directory, "loss_vs_compute")
+
+
+def contours(result: dict, runs: fit_lib.Runs, directory: str) -> str:
+    p = result["approach3"]
+    fig, ax = plt.subplots(figsize=(6.4, 4.6))
+    n = np.geomspace(runs.params.min() / 3, runs.params.max() * 3, 200)
+    d = np.geomspace(runs.tokens.min() / 3, runs.tokens.max() * 3, 200)
+    nn, dd = np.meshgrid(n, d)
+    cs = ax.contour(nn, dd, fit_lib.law(p, nn, dd), levels=12, cmap="magma")
+    ax.clabel(cs, fontsize=7)
+    ax.scatter(runs.params, runs.tokens, c="C0", s=18, zorder=3, label="runs")
+    c = np.geomspace(runs.flops.min(), runs.flops.max(), 50)
+    ax.plot(*fit_lib.frontier(p, c), color="C3", label="compute-optimal frontier")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("parameters N")
+    ax.set_ylabel("tokens D")
+    ax.set_title(f"L(N, D) = {p['E']:.2f} + {p['A']:.3g}/N^{p['alpha']:.3f} + {p['B']:.3g}/D^{p['beta']:.3f}")
+    _legend(ax)
+    return _save(fig, directory, "law_contours")
+
+
+def _to_tensorboard(paths: list[str], logdir: str) -> None:
+    """PNG images as TensorBoard image summaries (written with tensorboard's own protos: no TensorFlow)."""
+    from tensorboard.compat.proto import event_pb2, summary_pb2
+    from tensorboard.summary.writer.event_file_writer import EventFileWriter
+
+    writer = EventFileWriter(logdir)
+    for path in paths:
+        with open(path, "rb") as f:
+            png = f.read()
+        height, width = plt.imread(path).shape[:2]
+        image = summary_pb2.Summary.Image(height=height, width=width, colorspace=4, encoded_image_string=png)
+        summary = summary_pb2.Summary(value=[summary_pb2.Summary.Value(
+            tag=os.path.splitext(os.path.basename(path))[0], image=image)])
+        writer.add_event(event_pb2.Event(step=0, summary=summary))
+    writer.close()

@@ -1,0 +1,83 @@
+"""report.md: the fitted laws as tables a researcher reads, with the figures."""
+
+from __future__ import annotations
+
+import math
+import os
+
+
+def _fmt(x) -> str:
+    if x is None or (isinstance(x, float) and not math.isfinite(x)):
+        return "n/a"
+    return f"{x:.4g}"
+
+
+def _ci(approach: dict, key: str) -> str:
+    ci = approach.get("ci", {}).get(key)
+    return f"[{_fmt(ci['low'])}, {_fmt(ci['high'])}]" if ci else ""
+
+
+def render(result: dict, records: list[dict], plot_paths: list[str], workdir: str) -> str:
+    conv = result["conventions"]
+    lines = ["# Sweep report", "",
+             f"{result['n_runs']} finished runs of {len(records)}; N = `{conv['params']}`, C = `{conv['flops']}`, "
+             f"loss = {conv['loss']}. Intervals: {result.get('approach3', {}).get('ci', {}).get('level', 0):.0%} "
+             "bootstrap over runs.", ""]
+    failed = [r for r in records if r.get("status") != "finished"]
+    if failed:
+        lines += ["Not finished: " + ", ".join(f"{r['name']} ({r.get('status')}: {r.get('error')})" for r in failed),
+                  ""]
+    if "approach3" in result:
+        p = result["approach3"]
+        lines += ["## Approach 3: L(N, D) = E + A/N^alpha + B/D^beta", ""]
+        if p["alpha"] <= 0 or p["beta"] <= 0:
+            lines += ["**Warning:** a non-positive exponent: the loss does not fall with that scale over these runs "
+                      "(every budget's minimum at an edge of its sizes?), so there is no compute-optimal frontier. "
+                      "Widen the sizes or raise the budgets.", ""]
+        lines += ["| parameter | value | interval |", "|---|---|---|"]
+        lines += [f"| {k} | {_fmt(p[k])} | {_ci(p, k)} |" for k in ("E", "A", "B", "alpha", "beta", "a", "b")]
+        lines.append("")
+    a2 = result.get("approach2", {})
+    if a2:
+        lines += ["## Approach 2: IsoFLOP parabolas", "", "| budget C | N* | D* | loss at N* | R² of the parabola |",
+                  "|---|---|---|---|---|"]
+        lines += [f"| {_fmt(b['flops'])} | {_fmt(b['n_star'])} | {_fmt(b['d_star'])} | {_fmt(b['loss_star'])} | "
+                  f"{b['r2']:.4f} |" for b in a2["budgets"]]
+        for d in a2["dropped"]:
+            lines.append(f"| {_fmt(d['flops'])} | dropped: {d['reason']} | | | {_fmt(d.get('r2'))} |")
+        if "a" in a2:
+            lines += ["", f"N* ∝ C^{a2['a']['exponent']:.4f} {_ci(a2, 'a')} (R² of log N* against log C: "
+                      f"{a2['a']['r2']:.4f}); D* ∝ C^{a2['b']['exponent']:.4f} {_ci(a2, 'b')}"]
+        lines.append("")
+    a1 = result.get("approach1", {})
+    if "a" in a1:
+        lines += ["## Approach 1: the envelope", "", f"N_opt ∝ C^{a1['a']['exponent']:.4f} {_ci(a1, 'a')} "
+                  f"(R² {a1['a']['r2']:.4f}); D_opt ∝ C^{a1['b']['exponent']:.4f} {_ci(a1, 'b')}", ""]
+    k = result.get("kaplan", {})
+    if k:
+        lines += ["## Kaplan-style power laws", ""]
+        if "L_N" in k:
+            lines.append(f"- L(N) = (N_c / N)^alpha_N: alpha_N = {_fmt(k['L_N']['alpha_N'])}, "
+                         f"N_c = {_fmt(k['L_N']['N_c'])}, R² {k['L_N']['r2']:.4f}")
+        if "L_C" in k:
+            lines.append(f"- L(C) = (C_c / C)^alpha_C: alpha_C = {_fmt(k['L_C']['alpha_C'])}, "
+                         f"C_c = {_fmt(k['L_C']['C_c'])}, R² {k['L_C']['r2']:.4f}")
+        lines.append("")
+    pred = result.get("prediction")
+    if pred and "error" in pred and isinstance(pred["error"], str):
+        lines += ["## Prediction at the largest budget", "", f"Not made: {pred['error']}.", ""]
+    elif pred:
+        lines += ["## Prediction at the largest budget", "",
+                  f"Approach 3 fitted on the {pred['fitted_on_budgets']} smaller budgets predicts a best loss of "
+                  f"{pred['predicted_best_loss']:.4f} at C = {_fmt(pred['flops'])} (at N_opt = "
+                  f"{_fmt(pred['n_opt'])}); the best run there reached {pred['observed_best_loss']:.4f}: error "
+                  f"{pred['error']:+.4f} ({pred['relative_error']:+.2%}).", ""]
+    lines += ["## Figures", ""]
+    lines += [f"![{os.path.basename(p)}]({os.path.relpath(p, workdir)})" for p in plot_paths]
+    lines += ["", "## Runs", "", "| name | status | N | D | C | eval loss | bits/byte | wall s |",
+              "|---|---|---|---|---|---|---|---|"]
+    for r in records:
+        lines.append(f"| {r['name']} | {r.get('status')} | {r.get(conv['params'])} | {r.get('tokens')} | "
+                     f"{_fmt(r.get(conv['flops']))} | {_fmt(r.get('eval_loss'))} | {_fmt(r.get('eval_bpb'))} | "
+                     f"{_fmt(r.get('wall_seconds'))} |")
+    return "\n".join(lines) + "\n"

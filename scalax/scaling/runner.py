@@ -1,0 +1,181 @@
+"""The sweep runner: trains each planned run in its own process (one after another, or K at a time), keeps a
+ledger, and fits and plots at the end.
+
+`DIR/runs.jsonl` holds one record per run (name, status, overrides, N, D, C, final eval loss and bits/byte,
+wall seconds, the error), rewritten atomically on every change, so a killed sweep never doubles or loses a
+record. Started again, the runner skips finished runs and restarts the others, which resume from their own
+checkpoints (`DIR/runs/NAME`). A failed or diverged run is recorded and the sweep goes on. Each child gets
+SIGTERM when the runner dies (Linux), so it checkpoints instead of running on unsupervised.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+
+from ml_collections import ConfigDict
+
+from scalax.io import atomic_write_json, atomic_write_text
+from scalax.scaling import fit as fit_lib
+from scalax.scaling import sweep as sweep_lib
+
+FINISHED, FAILED, DIVERGED, PENDING, RUNNING = "finished", "failed", "diverged", "pending", "running"
+
+
+def _die_with_parent() -> None:
+    """In the child: ask Linux to send SIGTERM when the parent (the runner) exits."""
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except OSError:
+        pass
+
+
+class Ledger:
+    def __init__(self, workdir: str):
+        self.path = os.path.join(workdir, "runs.jsonl")
+        self.records: dict[str, dict] = {}
+        if os.path.exists(self.path):
+            with open(self.path) as f:
+                for line in f:
+                    if line.strip():
+                        record = json.loads(line)
+                        self.records[record["name"]] = record
+
+    def update(self, run_name: str, **fields) -> None:
+        self.records.setdefault(run_name, {"name": run_name}).update(fields)
+        atomic_write_text(self.path, "".join(json.dumps(r) + "\n" for r in self.records.values()))
+
+
+def run_sweep(cfg: ConfigDict, workdir: str, parallel: int = 1, log=print) -> dict:
+    """Train every run of the sweep that has not finished, then fit and plot; returns the fit."""
+    planned = sweep_lib.plan(cfg)
+    os.makedirs(os.path.join(workdir, "runs"), exist_ok=True)
+    atomic_write_json(os.path.join(workdir, "sweep.json"), cfg.to_dict())
+    ledger = Ledger(workdir)
+    for run in planned:  # the plan is recorded before anything runs; finished records keep their results
+        if ledger.records.get(run.name, {}).get("status") != FINISHED:
+            ledger.update(run.name, **run.record(), status=PENDING)
+    todo = [r for r in planned if ledger.records[r.name]["status"] != FINISHED]
+    log(f"sweep: {len(planned)} runs, {len(planned) - len(todo)} already finished, {len(todo)} to train "
+        f"({parallel} at a time) in {workdir}")
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=len(planned), initial=len(planned) - len(todo), unit="run", disable=None, file=sys.stderr)
+    active: dict[str, tuple[subprocess.Popen, float, object]] = {}
+    queue = list(todo)
+    try:
+        while queue or active:
+            while queue and len(active) < parallel:
+                run = queue.pop(0)
+                tail = _tail(workdir, run.name)  # from the log's current end: a resumed run's old lines stay
+                active[run.name] = (*_start(cfg, run, workdir), tail)
+                ledger.update(run.name, status=RUNNING)
+            time.sleep(0.2)
+            for name, (proc, started, tail) in list(active.items()):
+                for line in tail():
+                    log(f"[{name}] {line}")
+                if proc.poll() is None:
+                    continue
+                del active[name]
+                for line in tail():
+                    log(f"[{name}] {line}")
+                ledger.update(name, **_result(workdir, name, proc.returncode, time.time() - started))
+                status = ledger.records[name]["status"]
+                log(f"[{name}] {status}" + (f": {ledger.records[name].get('error', '')}" if status != FINISHED
+                                             else f", eval {ledger.records[name]['eval_loss']:.4f} nats/token"))
+                bar.update(1)
+    finally:
+        bar.close()
+        for proc, _, _ in active.values():  # interrupted: children checkpoint and stop
+            proc.send_signal(signal.SIGTERM)
+        for proc, _, _ in active.values():
+            proc.wait()
+    return finish(workdir, cfg, log)
+
+
+def _start(cfg: ConfigDict, run, workdir: str) -> tuple[subprocess.Popen, float]:
+    run_dir = os.path.join(workdir, "runs", run.name)
+    os.makedirs(run_dir, exist_ok=True)
+    config_path = os.path.join(run_dir, "run_config.json")
+    atomic_write_json(config_path, sweep_lib.run_config(cfg, run).to_dict())
+    with open(os.path.join(run_dir, "train.log"), "a") as log_file:  # the child keeps its own descriptor
+        proc = subprocess.Popen([sys.executable, "-m", "scalax", "train", f"--config={config_path}",
+                                 f"--workdir={run_dir}"], stdout=log_file, stderr=subprocess.STDOUT,
+                                preexec_fn=_die_with_parent, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    return proc, time.time()
+
+
+def _tail(workdir: str, name: str):
+    """A function returning the run's new log lines (the eval lines and errors) since it was last called."""
+    path = os.path.join(workdir, "runs", name, "train.log")
+    state = {"offset": os.path.getsize(path) if os.path.exists(path) else 0}
+
+    def new_lines() -> list[str]:
+        if not os.path.exists(path):
+            return []
+        with open(path, errors="replace") as f:
+            f.seek(state["offset"])
+            text = f.read()
+        complete = text[: text.rfind("\n") + 1]
+        state["offset"] += len(complete.encode())
+        return [line for line in complete.splitlines() if line.startswith(("step ", "scalax train:", "resuming"))]
+
+    return new_lines
+
+
+def _result(workdir: str, name: str, returncode: int, seconds: float) -> dict:
+    run_dir = os.path.join(workdir, "runs", name)
+    summary_path = os.path.join(run_dir, "summary.json")
+    if returncode == 0 and os.path.exists(summary_path):
+        with open(summary_path) as f:
+            s = json.load(f)
+        return {"status": FINISHED, "eval_loss": s["eval_loss"], "eval_loss_se": s["eval_loss_se"],
+                "eval_bpb": s["eval_bpb"], "wall_seconds": s["wall_seconds"], "error": None}
+    with open(os.path.join(run_dir, "train.log"), errors="replace") as f:
+        lines = [line.strip() for line in f if line.strip()]
+    error = lines[-1] if lines else f"exit status {returncode}"
+    status = DIVERGED if returncode == 3 else (PENDING if returncode == 143 else FAILED)
+    return {"status": status, "error": error, "returncode": returncode, "wall_seconds": seconds}
+
+
+def finish(workdir: str, cfg: ConfigDict, log=print) -> dict:
+    """Fit the finished runs and write fit.json, report.md and plots/."""
+    from scalax.scaling import plots, report
+
+    ledger = Ledger(workdir)
+    records = list(ledger.records.values())
+    params_key, flops_key = f"params_{cfg.sweep.params}", f"flops_{cfg.sweep.flops}"
+    # The runs of one IsoFLOP budget share its nominal C (their actual C differs by step rounding, under 2%),
+    # so that approach 2 groups them as planned.
+    runs_for_fit = fit_lib.runs_from_records(records, params_key,
+                                             "budget" if cfg.sweep.kind == "isoflop" else flops_key)
+    if len(runs_for_fit) < 5:
+        log(f"sweep: only {len(runs_for_fit)} finished runs; not fitting")
+        return {}
+    result = fit_lib.fit(runs_for_fit, "all", bootstrap=cfg.sweep.bootstrap, seed=cfg.sweep.seed)
+    result["prediction"] = fit_lib.predict_largest_budget(runs_for_fit)
+    result["conventions"] = {"params": params_key, "flops": flops_key, "loss": "eval nats/token"}
+    result["n_runs"] = len(runs_for_fit)
+    atomic_write_json(os.path.join(workdir, "fit.json"), _jsonable(result))
+    paths = plots.plot_all(result, runs_for_fit, os.path.join(workdir, "plots"))
+    atomic_write_text(os.path.join(workdir, "report.md"), report.render(result, records, paths, workdir))
+    log(f"sweep: fitted {len(runs_for_fit)} runs; wrote {workdir}/fit.json, report.md and plots/")
+    return result
+
+
+def _jsonable(x):
+    if isinstance(x, dict):
+        return {k: _jsonable(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_jsonable(v) for v in x]
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    if hasattr(x, "item"):
+        return x.item()
+    return x

@@ -1,0 +1,121 @@
+"""Sweep grids: each run is the base training config plus overrides, with its name, N (each count), D and C.
+
+Kinds (`sweep.kind`):
+- `isoflop`: `n_budgets` compute budgets log-spaced from `budget_min` to `budget_max`; per budget
+  `sizes_per_budget` shapes spaced evenly in log N over [N_opt / span, N_opt · span] around the expected
+  optimum N_opt = sqrt(C / (6 · tokens_per_param)); D = C / FLOPs-per-token(N) under `sweep.flops`.
+- `fixed_tokens` (L(N)): `sizes` shapes log-spaced over [n_min, n_max], each trained on `tokens` tokens.
+- `tokens_per_param`: the same sizes, each trained on r · N tokens for each r in `ratios`.
+
+Steps are whole, so each run's D and C are recomputed from its steps: they are what was trained.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import numpy as np
+from ml_collections import ConfigDict
+
+from scalax import config as config_lib
+from scalax.errors import ConfigError
+from scalax.scaling import flops, ladder
+
+KINDS = ("isoflop", "fixed_tokens", "tokens_per_param")
+
+
+@dataclasses.dataclass(frozen=True)
+class PlannedRun:
+    name: str
+    overrides: dict  # dotted config key -> value, applied to the base config
+    counts: dict  # params_total, params_embedding, params_non_embedding
+    tokens: int  # D
+    flops: dict  # C under each convention: flops_6n, flops_6n_head, ...
+    budget: float  # the nominal budget of an IsoFLOP run (its intended C), else the run's C
+
+    def record(self) -> dict:
+        return {"name": self.name, "overrides": self.overrides, **self.counts, "tokens": self.tokens,
+                **self.flops, "budget": self.budget}
+
+
+def plan(cfg: ConfigDict) -> list[PlannedRun]:
+    """The runs of a sweep config (sections `sweep` and `base`)."""
+    s = cfg.sweep
+    if s.kind not in KINDS:
+        raise ConfigError("sweep.kind", f"unknown sweep kind {s.kind!r}; allowed: {', '.join(KINDS)}")
+    ladder.check_params_key(s.params)
+    if s.flops not in flops.CONVENTIONS:
+        raise ConfigError("sweep.flops", f"unknown convention {s.flops!r}; allowed: {', '.join(flops.CONVENTIONS)}")
+    base_model = config_lib.model_config(cfg.base)
+    seq_len = cfg.base.train.seq_len
+    family = s.family
+    if s.kind == "isoflop":
+        if s.n_budgets <= 0 or s.sizes_per_budget <= 0:
+            raise ConfigError("sweep.n_budgets" if s.n_budgets <= 0 else "sweep.sizes_per_budget",
+                              "the grid is empty; allowed: positive integers")
+        if not 0 < s.budget_min <= s.budget_max:
+            raise ConfigError("sweep.budget_min", f"need 0 < budget_min <= budget_max, got {s.budget_min} and "
+                              f"{s.budget_max}")
+        budgets = np.geomspace(s.budget_min, s.budget_max, s.n_budgets)
+        max_n = math.sqrt(budgets[-1] / (6 * s.tokens_per_param)) * s.span * 4
+        shapes = ladder.candidates(family, base_model.vocab_size, base_model.max_seq_len, max_n, s.params)
+        runs = []
+        for c in budgets:
+            n_opt = math.sqrt(c / (6 * s.tokens_per_param))
+            targets = list(n_opt * s.span ** np.linspace(-1, 1, s.sizes_per_budget))
+            chosen = ladder.nearest_shapes(targets, shapes, s.params)
+            for shape in chosen:
+                tokens = c / flops.flops_per_token(shape.model, seq_len, s.flops)
+                run = _run(cfg, shape, tokens, c, f"C{c:.2e}-{shape.name}")
+                if run is not None:
+                    runs.append(run)
+            if not any(r.budget == c for r in runs):
+                raise ConfigError("sweep.budget_min", f"the budget {c:.3g} FLOPs is too small for any {family} "
+                                  f"model: the smallest ({shapes[0].name if shapes else 'd64-l1'}) needs at least "
+                                  f"one step of {ladder.batch_sequences(c, seq_len)} x {seq_len} tokens")
+        return runs
+    if s.sizes <= 0:
+        raise ConfigError("sweep.sizes", "the grid is empty; allowed: a positive integer")
+    shapes = ladder.candidates(family, base_model.vocab_size, base_model.max_seq_len, s.n_max * 2, s.params)
+    chosen = ladder.nearest_shapes(list(np.geomspace(s.n_min, s.n_max, s.sizes)), shapes, s.params)
+    runs = []
+    for shape in chosen:
+        n = shape.params(s.params)
+        token_counts = [s.tokens] if s.kind == "fixed_tokens" else [r * n for r in s.ratios]
+        for tokens in token_counts:
+            c = tokens * flops.flops_per_token(shape.model, seq_len, s.flops)
+            run = _run(cfg, shape, tokens, c, f"{shape.name}-D{tokens:.2e}")
+            if run is None:
+                raise ConfigError("sweep.tokens", f"{tokens:.3g} tokens is less than one step for {shape.name}")
+            runs.append(run)
+    return runs
+
+
+def _run(cfg: ConfigDict, shape: ladder.Shape, tokens: float, budget: float, name: str) -> PlannedRun | None:
+    """One run: shape, batch and lr by the ladder's rules, steps from the token count (None if < 1 step)."""
+    seq_len = cfg.base.train.seq_len
+    batch = ladder.batch_sequences(budget, seq_len)
+    steps = round(tokens / (batch * seq_len))
+    if steps < 1:
+        return None
+    trained = steps * batch * seq_len
+    overrides = {"model.d_model": shape.d_model, "model.n_layers": shape.n_layers,
+                 "model.n_heads": shape.model.n_heads, "model.n_kv_heads": shape.model.n_kv_heads,
+                 "model.d_ff": shape.model.d_ff, "train.steps": steps, "train.tokens": 0,
+                 "train.batch_size": batch, "optim.lr": ladder.learning_rate(budget),
+                 "optim.warmup_steps": ladder.warmup_steps(steps), "train.seed": cfg.sweep.seed}
+    counts = {"params_total": flops.params_total(shape.model), "params_embedding": flops.params_embedding(shape.model),
+              "params_non_embedding": flops.params_non_embedding(shape.model)}
+    per_token = flops.all_flops_per_token(shape.model, seq_len)
+    return PlannedRun(name, overrides, counts, trained, {f"flops_{k}": v * trained for k, v in per_token.items()},
+                      float(budget))
+
+
+def run_config(cfg: ConfigDict, run: PlannedRun) -> ConfigDict:
+    """The base training config with a run's overrides applied."""
+    out = ConfigDict(cfg.base.to_dict())
+    for key, value in run.overrides.items():
+        section, field = key.split(".")
+        out[section][field] = type(out[section][field])(value)
+    return out

@@ -1,0 +1,169 @@
+"""Sweep grids, the ladder's rules, and the sweep runner with real processes (killed and restarted)."""
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from scalax import config as config_lib
+from scalax.errors import ConfigError
+from scalax.scaling import flops, ladder
+from scalax.scaling import sweep as sweep_lib
+from tests.conftest import REPO
+
+
+def quickstart(*overrides):
+    return config_lib.load("configs/sweeps/quickstart.py", list(overrides))
+
+
+def test_isoflop_plan_follows_the_rules():
+    cfg = quickstart()
+    runs = sweep_lib.plan(cfg)
+    s = cfg.sweep
+    assert len(runs) == s.n_budgets * s.sizes_per_budget
+    budgets = sorted({r.budget for r in runs})
+    assert len(budgets) == s.n_budgets >= 3
+    for b in budgets:
+        sizes = [r.counts["params_non_embedding"] for r in runs if r.budget == b]
+        assert len(set(sizes)) == s.sizes_per_budget >= 5
+    for r in runs:
+        steps, batch = r.overrides["train.steps"], r.overrides["train.batch_size"]
+        assert r.tokens == steps * batch * cfg.base.train.seq_len  # D is what is trained
+        assert r.flops["flops_6n"] == pytest.approx(r.budget, rel=0.02)  # C within rounding of the budget
+        assert r.overrides["optim.warmup_steps"] <= 0.05 * steps
+        assert r.overrides["optim.lr"] == pytest.approx(0.3118 * r.budget**-0.125)
+        assert batch == max(1, round(0.2920 * r.budget**0.3271 / cfg.base.train.seq_len))
+        d, layers = r.overrides["model.d_model"], r.overrides["model.n_layers"]
+        assert d % 64 == 0 and ladder.ASPECT_MIN <= d / layers <= ladder.ASPECT_MAX
+        model = config_lib.model_config(sweep_lib.run_config(cfg, r))
+        assert flops.params_non_embedding(model) == r.counts["params_non_embedding"]
+
+
+def test_tokens_per_param_and_fixed_token_grids():
+    per_param = sweep_lib.plan(quickstart("--config.sweep.kind=tokens_per_param", "--config.sweep.sizes=3"))
+    assert len(per_param) == 3 * 3
+    for r in per_param:
+        ratio = r.tokens / r.counts["params_non_embedding"]
+        assert min(abs(ratio / x - 1) for x in (5.0, 10.0, 20.0)) < 0.05
+    fixed = sweep_lib.plan(quickstart("--config.sweep.kind=fixed_tokens", "--config.sweep.sizes=4"))
+    assert len(fixed) == 4 and all(abs(r.tokens / 1e7 - 1) < 0.01 for r in fixed)
+
+
+@pytest.mark.parametrize("overrides,key,words", [
+    (["--config.sweep.n_budgets=0"], "sweep.n_budgets", "empty"),
+    (["--config.sweep.sizes_per_budget=0"], "sweep.sizes_per_budget", "empty"),
+    (["--config.sweep.budget_min=1e3", "--config.sweep.budget_max=1e3"], "sweep.budget_min", "too small"),
+    (["--config.sweep.kind=random"], "sweep.kind", "isoflop"),
+    (["--config.sweep.params=embedding"], "sweep.params", "non_embedding"),
+])
+def test_bad_sweep_configs(overrides, key, words):
+    with pytest.raises(ConfigError) as info:
+        sweep_lib.plan(quickstart(*overrides))
+    assert info.value.key == key and words in str(info.value)
+
+
+def test_ladder_rules_are_deepseeks():
+    assert ladder.learning_rate(1e20) == pytest.approx(0.3118 * 1e20**-0.125)
+    assert ladder.batch_tokens(1e20) == pytest.approx(0.2920 * 1e20**0.3271)
+    assert ladder.warmup_steps(1000) == 50 and ladder.warmup_steps(19) == 0
+    shapes = ladder.candidates("gpt", 260, 256, 5e6, "non_embedding")
+    counts = [s.params("non_embedding") for s in shapes]
+    assert counts == sorted(counts) and max(counts) <= 5e6
+    chosen = ladder.nearest_shapes([1e5, 4e5, 1.6e6], shapes, "non_embedding")
+    assert len({s.name for s in chosen}) == 3
+    for target, shape in zip([1e5, 4e5, 1.6e6], chosen, strict=True):
+        assert abs(math.log(shape.params("non_embedding") / target)) < math.log(2)
+
+
+# ---------------------------------------------------------------------- the runner, with real processes
+SMALL = ["--config.sweep.budget_min=2e10", "--config.sweep.budget_max=4e10", "--config.sweep.n_budgets=2",
+         "--config.sweep.sizes_per_budget=3", "--config.base.train.seq_len=64", "--config.sweep.bootstrap=10"]
+
+
+def sweep_command(workdir, corpus, cache):
+    return [sys.executable, "-m", "scalax", "sweep", "--config=configs/sweeps/quickstart.py", f"--workdir={workdir}",
+            *SMALL, f"--config.base.data.corpus={corpus}", f"--config.base.data.cache_dir={cache}"]
+
+
+def ledger(workdir):
+    path = os.path.join(workdir, "runs.jsonl")
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+@pytest.mark.slow
+def test_sweep_killed_and_restarted_records_each_run_once(tmp_path):
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    import glob
+    import sysconfig
+
+    for path in sorted(glob.glob(os.path.join(sysconfig.get_paths()["stdlib"], "*.py")))[:40]:
+        (corpus / os.path.basename(path)).write_bytes(open(path, "rb").read())
+    workdir = tmp_path / "sweep"
+    cmd = sweep_command(workdir, corpus, tmp_path / "cache")
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    deadline = time.time() + 300
+    while sum(r["status"] == "finished" for r in ledger(workdir)) < 2:
+        assert proc.poll() is None, proc.communicate()
+        assert time.time() < deadline
+        time.sleep(0.1)
+    os.killpg(proc.pid, signal.SIGKILL)  # the runner and its current child, at once
+    proc.wait()
+    first = {r["name"]: r for r in ledger(workdir) if r["status"] == "finished"}
+    assert 2 <= len(first) < 6
+    again = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stderr
+    records = ledger(workdir)
+    assert len(records) == len({r["name"] for r in records}) == 6  # each run once
+    assert all(r["status"] == "finished" and math.isfinite(r["eval_loss"]) for r in records)
+    for name, record in first.items():  # finished runs were not trained again
+        assert {k: v for k, v in ledger(workdir)[[r["name"] for r in records].index(name)].items()} == record
+    assert f"{len(first)} already finished" in again.stdout
+    for name in ("fit.json", "report.md", "plots/isoflop.png", "plots/isoflop.svg", "plots/loss_vs_compute.png"):
+        assert os.path.exists(workdir / name), name
+    # every run's logged learning rate ends at its own final value, at its own last step
+    for r in records:
+        with open(workdir / "runs" / r["name"] / "metrics.jsonl") as f:
+            train = [json.loads(line) for line in f if '"loss"' in line]
+        assert train[-1]["step"] == r["overrides"]["train.steps"]
+        assert train[-1]["lr"] == pytest.approx(r["overrides"]["optim.lr"] * 0.1, rel=1e-5)
+
+
+def test_report_and_plots_from_a_known_law(tmp_path):
+    """finish-stage outputs on runs drawn from a known law: tables with R², the prediction, every figure."""
+    from scalax.scaling import fit, plots, report
+    from tests.scaling.test_fit import isoflop_grid
+
+    runs = isoflop_grid(budgets=4, sizes=5, lo=1 / 4, hi=4)
+    noisy = fit.Runs.of(runs.params, runs.tokens, runs.loss * (1 + 0.002 * np.sin(np.arange(len(runs)))),
+                        runs.flops)
+    result = fit.fit(noisy, "all", bootstrap=20)
+    result["prediction"] = fit.predict_largest_budget(noisy)
+    result["conventions"] = {"params": "params_non_embedding", "flops": "flops_6n", "loss": "eval nats/token"}
+    result["n_runs"] = len(noisy)
+    paths = plots.plot_all(result, noisy, str(tmp_path / "plots"))
+    assert len(paths) == 4
+    for path in paths:
+        assert os.path.getsize(path) > 10_000 and os.path.exists(path.replace(".png", ".svg"))
+    assert os.listdir(tmp_path / "plots" / "tensorboard")
+    records = [{"name": f"r{i}", "status": "finished", "params_non_embedding": float(n), "tokens": float(d),
+                "flops_6n": float(c), "eval_loss": float(loss), "eval_bpb": 1.0, "wall_seconds": 1.0}
+               for i, (n, d, loss, c) in enumerate(zip(noisy.params, noisy.tokens, noisy.loss, noisy.flops,
+                                                       strict=True))]
+    text = report.render(result, records, paths, str(tmp_path))
+    assert text.count("R² of the parabola") == 1 and "R² of log N* against log C" in text
+    assert "predicts a best loss of" in text
+    pred = result["prediction"]
+    assert abs(pred["relative_error"]) < 0.01  # a smooth law extrapolates well
+    assert pred["observed_best_loss"] == pytest.approx(min(noisy.loss[noisy.flops == noisy.flops.max()]))

@@ -10,7 +10,6 @@ before anything non-finite is saved.
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
 import signal
@@ -185,7 +184,7 @@ def train(cfg: ConfigDict, workdir: str, log=_log) -> dict:
     pending: list[tuple[int, dict]] = []  # metrics still on device, fetched at the next log or checkpoint
     last_saved = start if restored else None
     clock = {"time": time.perf_counter(), "tokens": counters.tokens}
-    progress = _progress_bar(steps, start, writer)
+    progress = ProgressBar(steps, start, writer)
 
     def flush_metrics() -> dict | None:
         """Fetch pending metrics (one host sync), stop on a non-finite loss, write the logged steps."""
@@ -258,7 +257,7 @@ def train(cfg: ConfigDict, workdir: str, log=_log) -> dict:
         checkpointer.close()
 
 
-class _progress_bar:
+class ProgressBar:
     """tqdm over steps with loss, tokens/s and ETA (on a terminal; plain eval lines go to stdout anyway)."""
 
     def __init__(self, total: int, initial: int, enabled: bool):
@@ -281,11 +280,3 @@ class _progress_bar:
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
-
-
-def load_summary(workdir: str) -> dict | None:
-    path = os.path.join(workdir, "summary.json")
-    if not os.path.exists(path):
-        return None
-    with open(path) as f:
-        return json.load(f)

@@ -93,3 +93,11 @@ def test_weight_decay_really_skips_masked_leaves():
     mask = optim.decay_mask(params)
     for u, p, m in zip(jax.tree.leaves(updates), jax.tree.leaves(params), jax.tree.leaves(mask), strict=True):
         np.testing.assert_allclose(u, -0.1 * 0.5 * p if m else 0.0, rtol=1e-6, atol=1e-9)
+
+
+@pytest.mark.parametrize("tokens,steps,want", [(0, 37, 37), (1_000_000, 37, 245), (4096 * 10, 5, 10)])
+def test_run_length_in_steps_or_tokens(tokens, steps, want):
+    from scalax.train.loop import total_steps
+
+    train = ConfigDict(dict(tokens=tokens, steps=steps, batch_size=16, seq_len=256))
+    assert total_steps(train) == want  # ceil(tokens / (16 * 256)) when tokens > 0

@@ -40,13 +40,17 @@ class Shape:
         return flops.params_total(self.model) if key == "total" else flops.params_non_embedding(self.model)
 
 
-def candidates(family: str, vocab_size: int, max_seq_len: int, max_params: float, params_key: str) -> list[Shape]:
-    """Every shape of the family under the aspect rule, up to max_params, sorted by parameter count."""
+def candidates(family: str, vocab_size: int, max_seq_len: int, max_params: float, params_key: str,
+               position: str | None = None) -> list[Shape]:
+    """Every shape of the family under the aspect rule, up to max_params, sorted by parameter count
+    (`position`: another positional scheme than the family's, which can change the counts)."""
     shapes = []
     for d_model in range(64, MAX_D_MODEL + 1, 64):
         layers = range(max(1, math.ceil(d_model / ASPECT_MAX)), d_model // ASPECT_MIN + 1)
-        row = [Shape(d_model, n, ModelConfig.from_dict(presets.family(family, d_model, n, vocab_size=vocab_size,
-                                                                        max_seq_len=max_seq_len))) for n in layers]
+        row = []
+        for n in layers:
+            fields = presets.family(family, d_model, n, vocab_size=vocab_size, max_seq_len=max_seq_len)
+            row.append(Shape(d_model, n, ModelConfig.from_dict({**fields, "position": position or fields["position"]})))
         if row[0].params(params_key) > max_params:
             break  # the shallowest shape of this width is already too big, and wider ones are bigger still
         shapes += [s for s in row if s.params(params_key) <= max_params]

@@ -59,7 +59,8 @@ def plan(cfg: ConfigDict) -> list[PlannedRun]:
                               f"{s.budget_max}")
         budgets = np.geomspace(s.budget_min, s.budget_max, s.n_budgets)
         max_n = math.sqrt(budgets[-1] / (6 * s.tokens_per_param)) * s.span * 4
-        shapes = ladder.candidates(family, base_model.vocab_size, base_model.max_seq_len, max_n, s.params)
+        shapes = ladder.candidates(family, base_model.vocab_size, base_model.max_seq_len, max_n, s.params,
+                                   base_model.position)
         runs = []
         for c in budgets:
             n_opt = math.sqrt(c / (6 * s.tokens_per_param))
@@ -77,7 +78,8 @@ def plan(cfg: ConfigDict) -> list[PlannedRun]:
         return runs
     if s.sizes <= 0:
         raise ConfigError("sweep.sizes", "the grid is empty; allowed: a positive integer")
-    shapes = ladder.candidates(family, base_model.vocab_size, base_model.max_seq_len, s.n_max * 2, s.params)
+    shapes = ladder.candidates(family, base_model.vocab_size, base_model.max_seq_len, s.n_max * 2, s.params,
+                               base_model.position)
     chosen = ladder.nearest_shapes(list(np.geomspace(s.n_min, s.n_max, s.sizes)), shapes, s.params)
     runs = []
     for shape in chosen:

@@ -167,3 +167,17 @@ def test_report_and_plots_from_a_known_law(tmp_path):
     pred = result["prediction"]
     assert abs(pred["relative_error"]) < 0.01  # a smooth law extrapolates well
     assert pred["observed_best_loss"] == pytest.approx(min(noisy.loss[noisy.flops == noisy.flops.max()]))
+
+
+def test_positional_sweep_is_the_quickstart_grid_per_scheme():
+    reference = sweep_lib.plan(quickstart())
+    for position in ("learned", "alibi", "t5", "none"):
+        cfg = config_lib.load(f"configs/sweeps/positional.py:position={position}")
+        runs = sweep_lib.plan(cfg)
+        assert [r.name for r in runs] == [r.name for r in reference]
+        for run in runs:
+            model = config_lib.model_config(sweep_lib.run_config(cfg, run))
+            assert model.position == position
+            assert run.counts["params_total"] == flops.params_total(model)  # counted with its own scheme
+    with pytest.raises(ConfigError, match="allowed: learned"):
+        config_lib.load("configs/sweeps/positional.py:position=fourier")

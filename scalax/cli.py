@@ -25,18 +25,13 @@ def cmd_info(args: argparse.Namespace, overrides: list[str]) -> int:
     import jax.numpy as jnp
 
     from scalax import config as config_lib
-    from scalax.errors import ConfigError
     from scalax.models import Decoder
     from scalax.scaling import flops
 
     cfg = config_lib.load(args.config, overrides)
     model_cfg = config_lib.model_config(cfg)
     seq_len = cfg.train.seq_len
-    if seq_len <= 0:
-        raise ConfigError("train.seq_len", f"must be a positive integer, got {seq_len}")
-    if model_cfg.position == "learned" and seq_len > model_cfg.max_seq_len:
-        raise ConfigError("train.seq_len", f"{seq_len} exceeds the learned position table "
-                          f"(model.max_seq_len={model_cfg.max_seq_len}); allowed: at most {model_cfg.max_seq_len}")
+    config_lib.check_seq_len(seq_len, model_cfg)
     tokens = jnp.zeros((1, 1), jnp.int32)
     shapes = jax.eval_shape(lambda: Decoder(model_cfg).init(jax.random.key(0), tokens))["params"]
     counts = flops.count_params(shapes)
@@ -119,7 +114,7 @@ def cmd_fit(args: argparse.Namespace, overrides: list[str]) -> int:
             raise ConfigError("scalax fit", f"{args.dir} holds no runs.jsonl")
         runs = fit_lib.runs_from_records(list(ledger.records.values()), f"params_{args.params}", f"flops_{args.flops}")
     runs = fit_lib.drop_outliers(runs, args.drop_highest)
-    result = runner._jsonable(fit_lib.fit(runs, args.approach, bootstrap=args.bootstrap, level=args.level,
+    result = runner.jsonable(fit_lib.fit(runs, args.approach, bootstrap=args.bootstrap, level=args.level,
                                           seed=args.seed))
     if args.json:
         print(json.dumps(result, indent=2))

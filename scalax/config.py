@@ -205,3 +205,12 @@ def model_config(cfg: ml_collections.ConfigDict) -> ModelConfig:
         fields["vocab_size"] = tokenizers.vocab_size(cfg.data.get("tokenizer", "byte"),
                                                      cfg.data.get("bpe_vocab_size", 0))
     return ModelConfig.from_dict(fields)
+
+
+def check_seq_len(seq_len: int, model: ModelConfig) -> None:
+    """train.seq_len must be positive and, with learned positions, fit the position table."""
+    if seq_len <= 0:
+        raise ConfigError("train.seq_len", f"must be a positive integer, got {seq_len}")
+    if model.position == "learned" and seq_len > model.max_seq_len:
+        raise ConfigError("train.seq_len", f"{seq_len} exceeds the learned position table "
+                          f"(model.max_seq_len={model.max_seq_len}); allowed: at most {model.max_seq_len}")

@@ -204,7 +204,7 @@ def _build_cache(data_cfg, tokenizer, directory: str, current_fingerprint: str, 
     counts = {s: {"documents": len(splits[s]), "bytes": sum(len(d.data) for d in splits[s])} for s in SPLITS}
     if not splits["train"] or not splits["val"]:
         # Too few documents to split by document: the tail of the token stream becomes validation.
-        joined = _encode(tokenizer, all_docs)
+        joined = np.concatenate([streams["train"], streams["val"]])  # all_docs' order: train, then val
         cut = len(joined) - max(1, int(len(joined) * data_cfg.val_fraction))
         streams = {"train": joined[:cut], "val": joined[cut:]}
         total_bytes = sum(len(d.data) for d in all_docs)

@@ -3,7 +3,7 @@
 Inputs are runs: parameters N, tokens D, final loss L, and compute C (6·N·D unless given). Which N and which
 FLOPs convention a sweep used is recorded beside the fit (`fit.json`).
 
-- Approach 1: the envelope of minimal loss per compute (per budget, or per log-spaced compute bin): the runs
+- Approach 1: the envelope of minimal loss per compute budget: the runs
   on it give N_opt ∝ C^a and D_opt ∝ C^b by least squares in log-log.
 - Approach 2: per budget, a parabola of L in log N; its vertex N*, D* = C / (6 N*); power laws in C. A budget
   whose vertex falls outside its sampled sizes (or whose parabola opens downwards) is reported and dropped.
@@ -100,8 +100,7 @@ def drop_outliers(runs: Runs, drop_highest: int = 0) -> Runs:
 
 
 # ---------------------------------------------------------------------- approach 3
-def _objective(theta_Sx5: np.ndarray, log_n: np.ndarray, log_d: np.ndarray, log_l: np.ndarray,
-               weights: np.ndarray | None = None):
+def _objective(theta_Sx5: np.ndarray, log_n: np.ndarray, log_d: np.ndarray, log_l: np.ndarray):
     """Summed Huber loss and its gradient, for S parameter vectors (a, b, e, alpha, beta) at once."""
     a, b, e, alpha, beta = (theta_Sx5[:, i : i + 1] for i in range(5))
     t1, t2, t3 = a - alpha * log_n, b - beta * log_d, np.broadcast_to(e, (len(a), len(log_n)))
@@ -112,16 +111,14 @@ def _objective(theta_Sx5: np.ndarray, log_n: np.ndarray, log_d: np.ndarray, log_
     abs_r = np.abs(r)
     huber = np.where(abs_r <= HUBER_DELTA, 0.5 * r**2, HUBER_DELTA * (abs_r - 0.5 * HUBER_DELTA))
     dr = np.clip(r, -HUBER_DELTA, HUBER_DELTA)
-    if weights is not None:
-        huber, dr = huber * weights, dr * weights
     g1, g2, g3 = dr * w1 / z, dr * w2 / z, dr * w3 / z
     grad = np.stack([g1.sum(1), g2.sum(1), g3.sum(1), -(g1 * log_n).sum(1), -(g2 * log_d).sum(1)], axis=1)
     return huber.sum(1), grad
 
 
-def _lbfgs(theta0: np.ndarray, data, weights=None) -> tuple[np.ndarray, float]:
+def _lbfgs(theta0: np.ndarray, data) -> tuple[np.ndarray, float]:
     def fun(theta):
-        f, g = _objective(theta[None], *data, weights)
+        f, g = _objective(theta[None], *data)
         return f[0], g[0]
 
     res = optimize.minimize(fun, theta0, jac=True, method="L-BFGS-B",
@@ -129,12 +126,12 @@ def _lbfgs(theta0: np.ndarray, data, weights=None) -> tuple[np.ndarray, float]:
     return res.x, float(res.fun)
 
 
-def _batched_lbfgs(theta_Sx5: np.ndarray, data, weights=None, iterations: int = 200, memory: int = 8,
+def _batched_lbfgs(theta_Sx5: np.ndarray, data, iterations: int = 200, memory: int = 8,
                    gtol: float = 1e-7, ftol: float = 1e-11) -> tuple[np.ndarray, np.ndarray]:
     """L-BFGS (two-loop recursion, backtracking Armijo line search) on S independent problems at once, in
     numpy: each iteration evaluates all still-active starts in one vectorised call."""
     x = theta_Sx5.astype(np.float64).copy()
-    f, g = _objective(x, *data, weights)
+    f, g = _objective(x, *data)
     S = len(x)
     s_hist, y_hist, rho = np.zeros((memory, S, 5)), np.zeros((memory, S, 5)), np.zeros((memory, S))
     active = np.ones(S, bool)
@@ -168,7 +165,7 @@ def _batched_lbfgs(theta_Sx5: np.ndarray, data, weights=None, iterations: int = 
             if not len(p_idx):
                 break
             trial = x[idx[p_idx]] + step[p_idx, None] * d[p_idx]
-            ft, gt = _objective(trial, *data, weights)
+            ft, gt = _objective(trial, *data)
             ok = np.isfinite(ft) & (ft <= f[idx[p_idx]] + 1e-4 * step[p_idx] * slope[p_idx])
             x_new[p_idx[ok]], f_new[p_idx[ok]], g_new[p_idx[ok]] = trial[ok], ft[ok], gt[ok]
             pending[p_idx[ok]] = False
@@ -199,16 +196,16 @@ def _params_of(theta: np.ndarray) -> dict:
             "a": beta / (alpha + beta), "b": alpha / (alpha + beta)}
 
 
-def fit_approach3(runs: Runs, starts: np.ndarray | None = None, weights=None) -> tuple[dict, np.ndarray]:
+def fit_approach3(runs: Runs, starts: np.ndarray | None = None) -> tuple[dict, np.ndarray]:
     """L-BFGS from every start (all at once, vectorised), the best polished by scipy's L-BFGS-B to full
     precision; returns (parameters, theta = (a, b, e, alpha, beta))."""
     data = (np.log(runs.params), np.log(runs.tokens), np.log(runs.loss))
     starts = grid_starts() if starts is None else np.atleast_2d(starts)
     if len(starts) > 1:
-        thetas, values = _batched_lbfgs(starts, data, weights)
+        thetas, values = _batched_lbfgs(starts, data)
         values = np.where(np.all(np.isfinite(thetas), axis=1), values, np.inf)
         starts = thetas[int(np.argmin(values))]
-    best_theta, best_f = _lbfgs(np.ravel(starts), data, weights)
+    best_theta, best_f = _lbfgs(np.ravel(starts), data)
     out = _params_of(best_theta)
     out["objective"] = best_f
     return out, best_theta
@@ -257,14 +254,9 @@ def budgets(runs: Runs, rtol: float = 1e-3) -> list[np.ndarray]:
     return [np.asarray(g) for g in groups]
 
 
-def fit_approach1(runs: Runs, bins: int = 0) -> dict:
-    """Envelope: the lowest loss per budget (or per log-spaced compute bin when `bins` > 0)."""
-    if bins > 0:
-        edges = np.linspace(np.log(runs.flops.min()), np.log(runs.flops.max()) * (1 + 1e-12), bins + 1)
-        ids = np.digitize(np.log(runs.flops), edges) - 1
-        groups = [np.flatnonzero(ids == k) for k in range(bins) if np.any(ids == k)]
-    else:
-        groups = budgets(runs)
+def fit_approach1(runs: Runs) -> dict:
+    """Envelope: the lowest loss per compute budget."""
+    groups = budgets(runs)
     best = np.asarray([g[np.argmin(runs.loss[g])] for g in groups])
     if len(best) < 2:
         raise ConfigError("runs", "approach 1 needs at least two compute budgets")

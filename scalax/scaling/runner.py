@@ -162,18 +162,18 @@ def finish(workdir: str, cfg: ConfigDict, log=print) -> dict:
     result["prediction"] = fit_lib.predict_largest_budget(runs_for_fit)
     result["conventions"] = {"params": params_key, "flops": flops_key, "loss": "eval nats/token"}
     result["n_runs"] = len(runs_for_fit)
-    atomic_write_json(os.path.join(workdir, "fit.json"), _jsonable(result))
+    atomic_write_json(os.path.join(workdir, "fit.json"), jsonable(result))
     paths = plots.plot_all(result, runs_for_fit, os.path.join(workdir, "plots"))
     atomic_write_text(os.path.join(workdir, "report.md"), report.render(result, records, paths, workdir))
     log(f"sweep: fitted {len(runs_for_fit)} runs; wrote {workdir}/fit.json, report.md and plots/")
     return result
 
 
-def _jsonable(x):
+def jsonable(x):
     if isinstance(x, dict):
-        return {k: _jsonable(v) for k, v in x.items()}
+        return {k: jsonable(v) for k, v in x.items()}
     if isinstance(x, (list, tuple)):
-        return [_jsonable(v) for v in x]
+        return [jsonable(v) for v in x]
     if isinstance(x, float) and not math.isfinite(x):
         return None
     if hasattr(x, "item"):

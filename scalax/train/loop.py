@@ -119,9 +119,7 @@ def train(cfg: ConfigDict, workdir: str, log=_log) -> dict:
     model_cfg = config_lib.model_config(cfg)
     t = cfg.train
     steps = total_steps(t)
-    if model_cfg.position == "learned" and t.seq_len > model_cfg.max_seq_len:
-        raise ConfigError("train.seq_len", f"{t.seq_len} exceeds the learned position table "
-                          f"(model.max_seq_len={model_cfg.max_seq_len}); allowed: at most {model_cfg.max_seq_len}")
+    config_lib.check_seq_len(t.seq_len, model_cfg)
     tx = optim.optimizer(cfg.optim, steps)
     schedule = optim.schedule(cfg.optim, steps)
     resolved = resolved_config(cfg)

@@ -58,8 +58,12 @@ def cmd_info(args: argparse.Namespace, overrides: list[str]) -> int:
 def cmd_train(args: argparse.Namespace, overrides: list[str]) -> int:
     """Train (or resume) one run; prints eval lines, writes the workdir (see README)."""
     from scalax import config as config_lib
+    from scalax.parallel import mesh
     from scalax.train import loop
 
+    if args.distributed or args.coordinator or args.num_processes is not None or args.process_id is not None \
+            or os.environ.get(mesh.ENV["coordinator"]):
+        mesh.initialize_distributed(args.coordinator, args.num_processes, args.process_id)
     cfg = config_lib.load(args.config, overrides)
     summary = loop.train(cfg, args.workdir)
     print(f"finished: step {summary['step']}, eval {summary['eval_loss']:.4f} nats/token, "
@@ -141,6 +145,31 @@ def cmd_plot(args: argparse.Namespace, overrides: list[str]) -> int:
     return 0
 
 
+def cmd_plan(args: argparse.Namespace, overrides: list[str]) -> int:
+    """Per-device memory of a config's train step on N devices, and whether it fits a device. Runs in a child
+    process with N fake CPU devices (XLA reads the device count once, before jax starts)."""
+    import subprocess
+
+    from scalax.errors import ConfigError
+    from scalax.parallel import plan as plan_lib
+
+    if args.devices <= 0:
+        raise ConfigError("--devices", f"must be a positive integer, got {args.devices}")
+    memory, description = plan_lib.device_memory(args.device, args.device_memory)
+    if os.environ.get("SCALAX_PLAN_CHILD") != str(args.devices):
+        env = {**os.environ, "SCALAX_PLAN_CHILD": str(args.devices), "JAX_PLATFORMS": "cpu",
+               "XLA_FLAGS": f"{os.environ.get('XLA_FLAGS', '')} "
+                            f"--xla_force_host_platform_device_count={args.devices}".strip()}
+        return subprocess.run([sys.executable, "-m", "scalax", *args.argv], env=env).returncode
+    from scalax import config as config_lib
+
+    report = plan_lib.plan(config_lib.load(args.config, overrides), args.devices)
+    report["device"] = description
+    report["fits"] = plan_lib.verdict(report, memory)
+    print(json.dumps(report, indent=2) if args.json else plan_lib.format_report(report, memory, description))
+    return 0 if report["fits"] != "does not fit" else 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="scalax", description="Language-model scaling experiments in JAX.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -154,6 +183,13 @@ def build_parser() -> argparse.ArgumentParser:
                            description="Override any config field with --config.KEY=VALUE.")
     train.add_argument("--config", required=True, help="config file and argument, e.g. configs/llama.py:size=tiny")
     train.add_argument("--workdir", required=True, help="run directory: checkpoints, logs; resumes if it has one")
+    multi = train.add_argument_group("multi-host (jax.distributed); or SCALAX_COORDINATOR, SCALAX_NUM_PROCESSES, "
+                                     "SCALAX_PROCESS_ID")
+    multi.add_argument("--distributed", action="store_true",
+                       help="initialise jax.distributed; alone, JAX detects the cluster (Cloud TPU, SLURM)")
+    multi.add_argument("--coordinator", help="HOST:PORT of process 0")
+    multi.add_argument("--num_processes", type=int)
+    multi.add_argument("--process_id", type=int)
     train.set_defaults(func=cmd_train)
 
     prepare = sub.add_parser("prepare", help="tokenize the corpus (and train a BPE) ahead of training",
@@ -180,6 +216,16 @@ def build_parser() -> argparse.ArgumentParser:
     fit.add_argument("--json", action="store_true")
     fit.set_defaults(func=cmd_fit)
 
+    plan = sub.add_parser("plan", help="per-device memory of a train step on N devices; does it fit a device?",
+                          description="Override any config field (mesh.*, train.batch_size, ...) with "
+                                      "--config.KEY=VALUE. Exit status 1 when it does not fit.")
+    plan.add_argument("--config", required=True)
+    plan.add_argument("--devices", type=int, required=True, help="devices of the slice (all processes)")
+    plan.add_argument("--device", help="a device to check against: v4, v5e, v5p, v6e, h100, h200")
+    plan.add_argument("--device-memory", help="memory per device instead, e.g. 16GiB")
+    plan.add_argument("--json", action="store_true")
+    plan.set_defaults(func=cmd_plan)
+
     plot = sub.add_parser("plot", help="fit and plot a sweep directory")
     plot.add_argument("dir")
     plot.set_defaults(func=cmd_plot)
@@ -190,6 +236,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args_only, overrides = _split_overrides(argv)
     args = build_parser().parse_args(args_only)
+    args.argv = argv
     try:
         return args.func(args, overrides)
     except ScalaxError as e:

@@ -109,8 +109,16 @@ def build(family: str, arg: str | None) -> ml_collections.ConfigDict:
         "cache_dir": "~/.cache/scalax/tokens",
         "prefetch": 16,
     })
-    cfg.mesh = ml_collections.ConfigDict()
+    cfg.mesh = ml_collections.ConfigDict(mesh_section())
     return cfg
+
+
+def mesh_section() -> dict:
+    """The `mesh` section: axis sizes (-1: the devices left over; the product must be the device count) and
+    the logical axis rules (parallel/rules.py). The default is pure data parallelism over every device."""
+    from scalax.parallel.rules import DEFAULT_RULES
+
+    return {"data": -1, "fsdp": 1, "tensor": 1, "rules": [list(rule) for rule in DEFAULT_RULES]}
 
 
 # ---------------------------------------------------------------------- loading and overriding

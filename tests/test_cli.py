@@ -106,6 +106,13 @@ TRAIN_BAD = [
     (["--config.data.tokenizer=sentencepiece"], "data.tokenizer", "byte, bpe"),
     (["--config.train.microbatches=3"], "train.microbatches", "must divide train.batch_size=16"),
     (["--config.train.seq_len=512"], "train.seq_len", "at most 256"),
+    # the mesh (8 fake devices here)
+    (["--config.mesh.data=3"], "mesh", "product is the device count"),
+    (["--config.mesh.data=-1", "--config.mesh.fsdp=-1"], "mesh.fsdp", "at most one of them -1"),
+    (["--config.mesh.data=1", "--config.mesh.tensor=8"], "model.n_heads", "divides both model.n_heads and model.d_ff"),
+    (["--config.train.batch_size=12"], "train.batch_size", "multiple of 8"),
+    (["--config.mesh.data=1", "--config.mesh.fsdp=8", "--config.train.microbatches=4"], "train.microbatches",
+     "must divide over mesh.data x mesh.fsdp = 8"),
 ]
 
 

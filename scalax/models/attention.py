@@ -12,7 +12,7 @@ import jax.numpy as jnp
 
 from scalax.models import positions
 from scalax.models.config import ModelConfig
-from scalax.models.layers import Norm, constrain, dtype_of, kernel_init
+from scalax.models.layers import DenseGeneral, Norm, constrain, dtype_of, kernel_init
 
 
 class Attention(nn.Module):
@@ -33,7 +33,7 @@ class Attention(nn.Module):
         dense = dict(dtype=dtype_of(cfg.dtype), param_dtype=dtype_of(cfg.param_dtype), use_bias=cfg.use_bias)
 
         def proj(name, heads, head_axis):
-            return nn.DenseGeneral(
+            return DenseGeneral(
                 (heads, K), kernel_init=kernel_init(cfg, ("embed", head_axis, "head_dim")),
                 bias_init=nn.with_logical_partitioning(nn.initializers.zeros, (head_axis, "head_dim")),
                 name=name, **dense)(x_BxTxD)
@@ -78,8 +78,8 @@ class Attention(nn.Module):
         out_BxTxGxQxK = jnp.einsum("bgqts,bsgk->btgqk", probs_BxGxQxTxS, v_BxSxGxK)
         out_BxTxHxK = out_BxTxGxQxK.reshape(B, T, H, K)
         out_BxTxHxK = constrain(out_BxTxHxK, ("act_batch", "act_seq", "act_heads", "act_head_dim"))
-        out_BxTxD = nn.DenseGeneral(
-            cfg.d_model, axis=(-2, -1),
+        out_BxTxD = DenseGeneral(
+            (cfg.d_model,), n_in=2,
             kernel_init=kernel_init(cfg, ("heads", "head_dim", "embed"), output_projection=True),
             bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("embed",)),
             name="o", **dense)(out_BxTxHxK)

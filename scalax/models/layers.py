@@ -26,6 +26,31 @@ def constrain(x: jnp.ndarray, axes: tuple[str, ...]) -> jnp.ndarray:
     return nn.with_logical_constraint(x, axes)
 
 
+class DenseGeneral(nn.Module):
+    """x [..., *in] · kernel [*in, *features] (+ bias [*features]), contracting the last `n_in` axes of x.
+
+    Like flax's DenseGeneral, but the kernel is created at its full rank, so its logical names apply to it
+    as created (flax's initialises a flattened kernel, which a mesh's sharding constraints reject)."""
+
+    features: tuple[int, ...]
+    kernel_init: nn.initializers.Initializer
+    bias_init: nn.initializers.Initializer
+    n_in: int = 1
+    use_bias: bool = True
+    dtype: jnp.dtype = jnp.float32
+    param_dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        in_shape = x.shape[x.ndim - self.n_in :]
+        kernel = self.param("kernel", self.kernel_init, (*in_shape, *self.features), self.param_dtype)
+        bias = self.param("bias", self.bias_init, self.features, self.param_dtype) if self.use_bias else None
+        x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
+        contract = (tuple(range(x.ndim - self.n_in, x.ndim)), tuple(range(self.n_in)))
+        y = jax.lax.dot_general(x, kernel, (contract, ((), ())))
+        return y if bias is None else y + bias
+
+
 class Norm(nn.Module):
     """LayerNorm (scale and bias) or RMSNorm (scale), over the last axis, computed in float32.
 

@@ -113,24 +113,26 @@ def llama_d_ff(d_model: int, multiple_of: int = LLAMA_FF_MULTIPLE) -> int:
 
 
 def family(name: str, d_model: int, n_layers: int, vocab_size: int = FROM_TOKENIZER,
-           max_seq_len: int = 1024) -> dict[str, Any]:
+           max_seq_len: int = 1024, head_dim: int = HEAD_DIM) -> dict[str, Any]:
     """A model of family `name` ('gpt' or 'llama') from (d_model, n_layers), by documented rules:
-    n_heads = d_model / 64 (head_dim 64); GPT: d_ff = 4 d_model, learned positions, tied embeddings, biases;
-    LLaMA: d_ff = llama_d_ff(d_model), RoPE (theta 10000), untied head, multi-head attention (kv heads =
-    heads; override model.n_kv_heads for GQA)."""
+    n_heads = d_model / head_dim (64 unless told; CPU-sized sweeps use 16 or 32); GPT: d_ff = 4 d_model,
+    learned positions, tied embeddings, biases; LLaMA: d_ff = llama_d_ff(d_model, min(64, head_dim)), RoPE
+    (theta 10000), untied head, multi-head attention (kv heads = heads; override model.n_kv_heads for GQA)."""
     if name not in FAMILIES:
         raise ConfigError("family", f"unknown family {name!r}; allowed: {', '.join(FAMILIES)}")
-    if d_model <= 0 or d_model % HEAD_DIM:
-        raise ConfigError("model.d_model", f"a family size needs a positive multiple of {HEAD_DIM}, got {d_model}")
+    if head_dim <= 0 or head_dim % 2:
+        raise ConfigError("head_dim", f"must be a positive even number, got {head_dim}")
+    if d_model <= 0 or d_model % head_dim:
+        raise ConfigError("model.d_model", f"a family size needs a positive multiple of {head_dim}, got {d_model}")
     if n_layers <= 0:
         raise ConfigError("model.n_layers", f"must be a positive integer, got {n_layers}")
-    n_heads = d_model // HEAD_DIM
+    n_heads = d_model // head_dim
     shape = dict(vocab_size=vocab_size, max_seq_len=max_seq_len, d_model=d_model, n_layers=n_layers,
                  n_heads=n_heads)
     if name == "gpt":
         return dict(_GPT, **shape, d_ff=4 * d_model)
-    return dict(_LLAMA, **shape, n_kv_heads=n_heads, d_ff=llama_d_ff(d_model), norm_eps=1e-5,
-                rope_theta=10000.0)
+    return dict(_LLAMA, **shape, n_kv_heads=n_heads, d_ff=llama_d_ff(d_model, min(LLAMA_FF_MULTIPLE, head_dim)),
+                norm_eps=1e-5, rope_theta=10000.0)
 
 
 def named_size(name: str, size: str) -> dict[str, Any]:

@@ -191,9 +191,12 @@ def grid_starts() -> np.ndarray:
 
 
 def _params_of(theta: np.ndarray) -> dict:
+    """(a, b, e, alpha, beta) -> E, A, B, ... (inf where a bootstrap resample ran off to a huge log-coefficient)."""
     a, b, e, alpha, beta = (float(x) for x in theta)
-    return {"E": math.exp(e), "A": math.exp(a), "B": math.exp(b), "alpha": alpha, "beta": beta,
-            "a": beta / (alpha + beta), "b": alpha / (alpha + beta)}
+    with np.errstate(over="ignore"):
+        E, A, B = (float(np.exp(x)) for x in (e, a, b))
+    return {"E": E, "A": A, "B": B, "alpha": alpha, "beta": beta, "a": beta / (alpha + beta),
+            "b": alpha / (alpha + beta)}
 
 
 def fit_approach3(runs: Runs, starts: np.ndarray | None = None) -> tuple[dict, np.ndarray]:
@@ -363,13 +366,15 @@ def fit(runs: Runs, approach: str = "all", bootstrap: int = 0, level: float = 0.
             if theta is not None:
                 res["approach3"], _ = fit_approach3(sample, theta)
             for k, v in _flat(res).items():
-                samples[k].append(v)
+                if math.isfinite(v):  # a resample whose fit ran off to infinity says nothing about the spread
+                    samples[k].append(v)
         lo, hi = (1 - level) / 2, (1 + level) / 2
-        for name, approach_result in result.items():
+        for name, approach_result in result.items():  # (spreads of huge resampled coefficients may overflow)
             prefix = f"{name}."
-            ci = {k[len(prefix):]: {"low": float(np.quantile(v, lo)), "high": float(np.quantile(v, hi)),
-                                    "se": float(np.std(v, ddof=1)), "n": len(v)}
-                  for k, v in samples.items() if k.startswith(prefix) and len(v) > 1}
+            with np.errstate(over="ignore"):
+                ci = {k[len(prefix):]: {"low": float(np.quantile(v, lo)), "high": float(np.quantile(v, hi)),
+                                        "se": float(np.std(v, ddof=1)), "n": len(v)}
+                      for k, v in samples.items() if k.startswith(prefix) and len(v) > 1}
             if ci:
                 approach_result["ci"] = {"level": level, **ci}
     return result

@@ -10,6 +10,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
+import matplotlib.ticker
 import numpy as np
 
 from scalax.scaling import fit as fit_lib
@@ -22,6 +23,10 @@ def _legend(ax) -> None:
 
 def _save(fig, directory: str, name: str) -> str:
     os.makedirs(directory, exist_ok=True)
+    for ax in fig.axes:  # on log axes spanning less than a decade matplotlib labels minor ticks, and they collide
+        for axis in (ax.xaxis, ax.yaxis):
+            if axis.get_scale() == "log":
+                axis.set_minor_formatter(matplotlib.ticker.NullFormatter())
     fig.tight_layout()
     for ext in ("png", "svg"):
         fig.savefig(os.path.join(directory, f"{name}.{ext}"), dpi=120)

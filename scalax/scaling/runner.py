@@ -6,6 +6,11 @@ wall seconds, the error), rewritten atomically on every change, so a killed swee
 record. Started again, the runner skips finished runs and restarts the others, which resume from their own
 checkpoints (`DIR/runs/NAME`). A failed or diverged run is recorded and the sweep goes on. Each child gets
 SIGTERM when the runner dies (Linux), so it checkpoints instead of running on unsupervised.
+
+With `sweep.fit_device` set (v4, v5e, v5p, v6e, h100, h200, or a size such as 16GiB) and `sweep.fit_devices`
+(the slice's device count), each run is first planned (`scalax plan`: an ahead-of-time compile on that many
+fake devices); a run whose step would not fit that device's memory is recorded as skipped, with the reason,
+and not trained.
 """
 
 from __future__ import annotations
@@ -25,7 +30,8 @@ from scalax.io import atomic_write_json, atomic_write_text
 from scalax.scaling import fit as fit_lib
 from scalax.scaling import sweep as sweep_lib
 
-FINISHED, FAILED, DIVERGED, PENDING, RUNNING = "finished", "failed", "diverged", "pending", "running"
+FINISHED, FAILED, DIVERGED, PENDING, RUNNING, SKIPPED = ("finished", "failed", "diverged", "pending", "running",
+                                                         "skipped")
 
 
 def _die_with_parent() -> None:
@@ -73,6 +79,12 @@ def run_sweep(cfg: ConfigDict, workdir: str, parallel: int = 1, log=print) -> di
         while queue or active:
             while queue and len(active) < parallel:
                 run = queue.pop(0)
+                unfit = _does_not_fit(cfg, run, workdir)
+                if unfit:
+                    ledger.update(run.name, status=SKIPPED, error=unfit)
+                    log(f"[{run.name}] skipped: {unfit}")
+                    bar.update(1)
+                    continue
                 tail = _tail(workdir, run.name)  # from the log's current end: a resumed run's old lines stay
                 active[run.name] = (*_start(cfg, run, workdir), tail)
                 ledger.update(run.name, status=RUNNING)
@@ -109,6 +121,30 @@ def _start(cfg: ConfigDict, run, workdir: str) -> tuple[subprocess.Popen, float]
                                  f"--workdir={run_dir}"], stdout=log_file, stderr=subprocess.STDOUT,
                                 preexec_fn=_die_with_parent, env={**os.environ, "PYTHONUNBUFFERED": "1"})
     return proc, time.time()
+
+
+def _does_not_fit(cfg: ConfigDict, run, workdir: str) -> str | None:
+    """Why the run would not fit `sweep.fit_device` (None: it fits, or no device is set)."""
+    device = cfg.sweep.get("fit_device", "")
+    if not device:
+        return None
+    run_dir = os.path.join(workdir, "runs", run.name)
+    os.makedirs(run_dir, exist_ok=True)
+    config_path = os.path.join(run_dir, "run_config.json")
+    atomic_write_json(config_path, sweep_lib.run_config(cfg, run).to_dict())
+    from scalax.parallel.plan import DEVICE_MEMORY
+
+    target = f"--device={device}" if device.lower() in DEVICE_MEMORY else f"--device-memory={device}"
+    proc = subprocess.run([sys.executable, "-m", "scalax", "plan", f"--config={config_path}",
+                           f"--devices={cfg.sweep.get('fit_devices', 1)}", target, "--json"],
+                          capture_output=True, text=True)
+    if proc.returncode not in (0, 1):
+        lines = proc.stderr.strip().splitlines()
+        return f"scalax plan failed: {lines[-1] if lines else proc.returncode}"
+    report = json.loads(proc.stdout)
+    if report["fits"] == "fits":
+        return None
+    return f"needs {report['peak_per_device'] / 2**30:.2f} GiB per device; {report['device']}"
 
 
 def _tail(workdir: str, name: str):

@@ -60,7 +60,7 @@ def plan(cfg: ConfigDict) -> list[PlannedRun]:
         budgets = np.geomspace(s.budget_min, s.budget_max, s.n_budgets)
         max_n = math.sqrt(budgets[-1] / (6 * s.tokens_per_param)) * s.span * 4
         shapes = ladder.candidates(family, base_model.vocab_size, base_model.max_seq_len, max_n, s.params,
-                                   base_model.position)
+                                   base_model.position, s.get("d_model_step", 64), s.get("head_dim", 64))
         runs = []
         for c in budgets:
             n_opt = math.sqrt(c / (6 * s.tokens_per_param))
@@ -72,14 +72,15 @@ def plan(cfg: ConfigDict) -> list[PlannedRun]:
                 if run is not None:
                     runs.append(run)
             if not any(r.budget == c for r in runs):
+                batch = ladder.batch_sequences(c, seq_len, _multiple(cfg))
                 raise ConfigError("sweep.budget_min", f"the budget {c:.3g} FLOPs is too small for any {family} "
                                   f"model: the smallest ({shapes[0].name if shapes else 'd64-l1'}) needs at least "
-                                  f"one step of {ladder.batch_sequences(c, seq_len)} x {seq_len} tokens")
+                                  f"one step of {batch} x {seq_len} tokens")
         return runs
     if s.sizes <= 0:
         raise ConfigError("sweep.sizes", "the grid is empty; allowed: a positive integer")
     shapes = ladder.candidates(family, base_model.vocab_size, base_model.max_seq_len, s.n_max * 2, s.params,
-                               base_model.position)
+                               base_model.position, s.get("d_model_step", 64), s.get("head_dim", 64))
     chosen = ladder.nearest_shapes(list(np.geomspace(s.n_min, s.n_max, s.sizes)), shapes, s.params)
     runs = []
     for shape in chosen:
@@ -97,7 +98,7 @@ def plan(cfg: ConfigDict) -> list[PlannedRun]:
 def _run(cfg: ConfigDict, shape: ladder.Shape, tokens: float, budget: float, name: str) -> PlannedRun | None:
     """One run: shape, batch and lr by the ladder's rules, steps from the token count (None if < 1 step)."""
     seq_len = cfg.base.train.seq_len
-    batch = ladder.batch_sequences(budget, seq_len)
+    batch = ladder.batch_sequences(budget, seq_len, _multiple(cfg))
     steps = round(tokens / (batch * seq_len))
     if steps < 1:
         return None
@@ -112,6 +113,14 @@ def _run(cfg: ConfigDict, shape: ladder.Shape, tokens: float, budget: float, nam
     per_token = flops.all_flops_per_token(shape.model, seq_len)
     return PlannedRun(name, overrides, counts, trained, {f"flops_{k}": v * trained for k, v in per_token.items()},
                       float(budget))
+
+
+def _multiple(cfg: ConfigDict) -> int:
+    """Batches are whole multiples of `sweep.batch_multiple` (set it to data x fsdp on a multi-device host)."""
+    multiple = cfg.sweep.get("batch_multiple", 1)
+    if multiple <= 0:
+        raise ConfigError("sweep.batch_multiple", f"must be a positive integer, got {multiple}")
+    return multiple
 
 
 def run_config(cfg: ConfigDict, run: PlannedRun) -> ConfigDict:

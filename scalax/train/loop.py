@@ -17,7 +17,6 @@ import sys
 import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from ml_collections import ConfigDict
 
@@ -26,12 +25,11 @@ from scalax.data import corpora, pipeline
 from scalax.errors import ConfigError, ScalaxError
 from scalax.io import atomic_write_json
 from scalax.models import Decoder
+from scalax.parallel import mesh as mesh_lib
 from scalax.scaling import flops
-from scalax.train import optim
+from scalax.train import optim, program
 from scalax.train.checkpoint import Checkpointer
 from scalax.train.metrics import MetricsLog, peak_flops_per_device
-from scalax.train.state import init_state
-from scalax.train.step import make_eval_step, make_train_step
 
 MFU_CONVENTION = "6n_head_attn"  # model FLOPs per token for MFU: 6N + the unembedding + causal attention
 # Keys of the model section that may differ from a checkpoint's: they change how, not what, is computed.
@@ -80,6 +78,9 @@ def validate(cfg: ConfigDict) -> None:
             raise ConfigError(f"train.{key}", f"must be a positive integer, got {t[key]}")
     if t.batch_size % t.microbatches:
         raise ConfigError("train.microbatches", f"must divide train.batch_size={t.batch_size}, got {t.microbatches}")
+    if t.batch_size % jax.process_count():
+        raise ConfigError("train.batch_size", f"{t.batch_size} is not divisible by the process count "
+                          f"{jax.process_count()}")
     if t.z_loss < 0:
         raise ConfigError("train.z_loss", f"must be >= 0, got {t.z_loss}")
     if not 0 < cfg.data.val_fraction < 1:
@@ -120,6 +121,10 @@ def train(cfg: ConfigDict, workdir: str, log=_log) -> dict:
     t = cfg.train
     steps = total_steps(t)
     config_lib.check_seq_len(t.seq_len, model_cfg)
+    layout = mesh_lib.layout(cfg.mesh, model_cfg, t.batch_size)
+    if (t.batch_size // t.microbatches) % layout.batch_shards:
+        raise ConfigError("train.microbatches", f"each microbatch of {t.batch_size // t.microbatches} sequences "
+                          f"must divide over mesh.data x mesh.fsdp = {layout.batch_shards}")
     tx = optim.optimizer(cfg.optim, steps)
     schedule = optim.schedule(cfg.optim, steps)
     resolved = resolved_config(cfg)
@@ -140,12 +145,13 @@ def train(cfg: ConfigDict, workdir: str, log=_log) -> dict:
             continue
         check_compatible(saved, resolved, workdir)
         break
-    abstract = jax.eval_shape(lambda: init_state(model, tx, t.seed, t.seq_len))
-    restored = checkpointer.restore_latest(abstract, warn=log)
+    prog = program.build(model, tx, schedule, layout, t.seed, t.seq_len, t.microbatches, t.z_loss)
+    # Restoring onto this mesh: the target carries the new shardings, whatever mesh wrote the checkpoint.
+    restored = checkpointer.restore_latest(prog.abstract_state, warn=log)
     batches = pipeline.iterator(pipeline.train_dataset(data.train, t.seq_len, t.batch_size, t.seed,
                                                        jax.process_index(), jax.process_count()), cfg.data.prefetch)
-    if restored is None:
-        state, counters, start = jax.jit(lambda: init_state(model, tx, t.seed, t.seq_len))(), Counters(), 0
+    if restored is None:  # parameters are born sharded: no device ever holds the whole model
+        state, counters, start = prog.init(), Counters(), 0
     else:
         start, state, data_state, meta = restored
         batches.set_state(data_state)
@@ -158,20 +164,33 @@ def train(cfg: ConfigDict, workdir: str, log=_log) -> dict:
 
     per_token = flops.all_flops_per_token(model_cfg, t.seq_len)
     peak, peak_source = peak_flops_per_device(model_cfg.dtype)
-    devices_used = 1  # one device until the mesh (config.mesh) spreads the step over more
+    devices_used = layout.mesh.size
     tokens_per_step = t.batch_size * t.seq_len
     bytes_per_token = data.bytes_per_token("val")
     eval_windows = pipeline.eval_windows(data.val, t.seq_len, t.eval_windows)
-    train_step = jax.jit(make_train_step(model, tx, schedule, t.microbatches, t.z_loss), donate_argnums=0)
-    eval_step = jax.jit(make_eval_step(model))
+    train_step, eval_step = prog.train_step, prog.eval_step
     n_params = flops.params_total(model_cfg)
+    sizes = " x ".join(f"{a} {n}" for a, n in layout.mesh.shape.items())
     log(f"training {n_params / 1e6:.2f}M parameters for {steps} steps of {tokens_per_step} tokens "
         f"({steps * tokens_per_step / 1e6:.1f}M tokens) on {data.header['counts']['train']['tokens'] / 1e6:.1f}M "
-        f"training tokens; MFU against {peak / 1e12:.2f} TFLOP/s ({peak_source})")
+        f"training tokens; mesh {sizes} ({jax.process_count()} process(es)); MFU against "
+        f"{peak / 1e12:.2f} TFLOP/s per device ({peak_source})")
+
+    def global_batch(local_BxT1: np.ndarray) -> jax.Array:
+        """This process's rows -> the global batch, sharded over data x fsdp."""
+        return jax.make_array_from_process_local_data(layout.batch_sharding, local_BxT1,
+                                                      (t.batch_size, *local_BxT1.shape[1:]))
+
+    def eval_chunks():
+        """The fixed windows in global batches of train.batch_size (the last one padded, its padding dropped)."""
+        for i in range(0, len(eval_windows), t.batch_size):
+            chunk = eval_windows[i : i + t.batch_size]
+            padded = np.concatenate([chunk, np.repeat(chunk[:1], t.batch_size - len(chunk), axis=0)])
+            array = jax.make_array_from_callback(padded.shape, layout.batch_sharding, lambda idx, x=padded: x[idx])
+            yield array, len(chunk)
 
     def evaluate(params) -> dict:
-        losses = np.concatenate([np.asarray(eval_step(params, eval_windows[i : i + t.batch_size]))
-                                 for i in range(0, len(eval_windows), t.batch_size)])
+        losses = np.concatenate([np.asarray(eval_step(params, array))[:n] for array, n in eval_chunks()])
         loss = float(losses.mean())
         se = float(losses.std(ddof=1) / math.sqrt(len(losses))) if len(losses) > 1 else float("nan")
         return {"eval_loss": loss, "eval_loss_se": se, "eval_bpb": loss / math.log(2) / bytes_per_token,
@@ -218,8 +237,8 @@ def train(cfg: ConfigDict, workdir: str, log=_log) -> dict:
     wall_mark = time.perf_counter()
     try:
         for step in range(start + 1, steps + 1):
-            batch = next(batches)
-            state, metrics = train_step(state, jnp.asarray(batch))
+            batch = global_batch(next(batches))
+            state, metrics = train_step(state, batch)
             pending.append((step, metrics))
             counters.tokens += tokens_per_step
             is_last = step == steps

@@ -15,21 +15,28 @@ import jax.numpy as jnp
 import optax
 
 from scalax.models import Decoder
+from scalax.parallel import loss as parallel_loss
+from scalax.parallel.mesh import Layout
 from scalax.train.state import TrainState
 
 
-def token_losses(model: Decoder, params, tokens_BxT1: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """Per-token cross-entropy and log-partition, both float32 [B, T]."""
-    logits_BxTxV = model.apply({"params": params}, tokens_BxT1[:, :-1]).astype(jnp.float32)
+def token_losses(model: Decoder, params, tokens_BxT1: jax.Array, layout: Layout | None = None
+                 ) -> tuple[jax.Array, jax.Array]:
+    """Per-token cross-entropy and log-partition, both float32 [B, T]. With a layout, the vocab-parallel loss
+    (parallel/loss.py) on its mesh: the logits are never gathered."""
+    logits_BxTxV = model.apply({"params": params}, tokens_BxT1[:, :-1])
+    if layout is not None:
+        return parallel_loss.cross_entropy(logits_BxTxV, tokens_BxT1[:, 1:], layout)
+    logits_BxTxV = logits_BxTxV.astype(jnp.float32)
     log_z_BxT = jax.nn.logsumexp(logits_BxTxV, axis=-1)
     target_logit_BxT = jnp.take_along_axis(logits_BxTxV, tokens_BxT1[:, 1:, None], axis=-1)[..., 0]
     return log_z_BxT - target_logit_BxT, log_z_BxT
 
 
 def make_train_step(model: Decoder, tx: optax.GradientTransformation, schedule: optax.Schedule,
-                    microbatches: int = 1, z_loss: float = 0.0) -> Callable:
+                    microbatches: int = 1, z_loss: float = 0.0, layout: Layout | None = None) -> Callable:
     def loss_fn(params, tokens_BxT1):
-        ce_BxT, log_z_BxT = token_losses(model, params, tokens_BxT1)
+        ce_BxT, log_z_BxT = token_losses(model, params, tokens_BxT1, layout)
         ce = jnp.mean(ce_BxT)
         return ce + z_loss * jnp.mean(jnp.square(log_z_BxT)), ce
 
@@ -58,11 +65,11 @@ def make_train_step(model: Decoder, tx: optax.GradientTransformation, schedule: 
     return train_step
 
 
-def make_eval_step(model: Decoder) -> Callable:
+def make_eval_step(model: Decoder, layout: Layout | None = None) -> Callable:
     """Mean loss of each window: [N, T + 1] -> [N] float32 nats per token."""
 
     def eval_step(params, windows_NxT1: jax.Array) -> jax.Array:
-        ce_NxT, _ = token_losses(model, params, windows_NxT1)
+        ce_NxT, _ = token_losses(model, params, windows_NxT1, layout)
         return jnp.mean(ce_NxT, axis=-1)
 
     return eval_step

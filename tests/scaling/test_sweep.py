@@ -22,8 +22,12 @@ def quickstart(*overrides):
     return config_lib.load("configs/sweeps/quickstart.py", list(overrides))
 
 
-def test_isoflop_plan_follows_the_rules():
-    cfg = quickstart()
+@pytest.mark.parametrize("grid", [(), ("--config.sweep.d_model_step=64", "--config.sweep.head_dim=64",
+                                        "--config.sweep.budget_min=1e13", "--config.sweep.budget_max=4e13",
+                                        "--config.sweep.tokens_per_param=20", "--config.sweep.batch_multiple=8")],
+                         ids=["quickstart", "64-wide"])
+def test_isoflop_plan_follows_the_rules(grid):
+    cfg = quickstart(*grid)
     runs = sweep_lib.plan(cfg)
     s = cfg.sweep
     assert len(runs) == s.n_budgets * s.sizes_per_budget
@@ -38,9 +42,11 @@ def test_isoflop_plan_follows_the_rules():
         assert r.flops["flops_6n"] == pytest.approx(r.budget, rel=0.02)  # C within rounding of the budget
         assert r.overrides["optim.warmup_steps"] <= 0.05 * steps
         assert r.overrides["optim.lr"] == pytest.approx(0.3118 * r.budget**-0.125)
-        assert batch == max(1, round(0.2920 * r.budget**0.3271 / cfg.base.train.seq_len))
+        m = s.batch_multiple
+        assert batch % m == 0 and batch == m * max(1, round(0.2920 * r.budget**0.3271 / cfg.base.train.seq_len / m))
         d, layers = r.overrides["model.d_model"], r.overrides["model.n_layers"]
-        assert d % 64 == 0 and ladder.ASPECT_MIN <= d / layers <= ladder.ASPECT_MAX
+        assert d % s.d_model_step == 0 and d // r.overrides["model.n_heads"] == s.head_dim
+        assert (layers == 1 or ladder.ASPECT_MIN <= d / layers) and d / layers <= ladder.ASPECT_MAX
         model = config_lib.model_config(sweep_lib.run_config(cfg, r))
         assert flops.params_non_embedding(model) == r.counts["params_non_embedding"]
 
@@ -86,6 +92,9 @@ SMALL = ["--config.sweep.budget_min=2e10", "--config.sweep.budget_max=4e10", "--
          "--config.sweep.sizes_per_budget=3", "--config.base.train.seq_len=64", "--config.sweep.bootstrap=10"]
 
 
+ONE_DEVICE = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
+
+
 def sweep_command(workdir, corpus, cache):
     return [sys.executable, "-m", "scalax", "sweep", "--config=configs/sweeps/quickstart.py", f"--workdir={workdir}",
             *SMALL, f"--config.base.data.corpus={corpus}", f"--config.base.data.cache_dir={cache}"]
@@ -110,7 +119,7 @@ def test_sweep_killed_and_restarted_records_each_run_once(tmp_path):
         (corpus / os.path.basename(path)).write_bytes(open(path, "rb").read())
     workdir = tmp_path / "sweep"
     cmd = sweep_command(workdir, corpus, tmp_path / "cache")
-    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    env = ONE_DEVICE
     proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             start_new_session=True)
     deadline = time.time() + 300
@@ -181,3 +190,18 @@ def test_positional_sweep_is_the_quickstart_grid_per_scheme():
             assert run.counts["params_total"] == flops.params_total(model)  # counted with its own scheme
     with pytest.raises(ConfigError, match="allowed: learned"):
         config_lib.load("configs/sweeps/positional.py:position=fourier")
+
+
+@pytest.mark.slow
+def test_runs_that_would_not_fit_are_skipped(tmp_path):
+    """sweep.fit_device: each run is planned first; here no run's step fits in 1 MiB, so none trains."""
+    workdir = tmp_path / "sweep"
+    cmd = [sys.executable, "-m", "scalax", "sweep", "--config=configs/sweeps/quickstart.py", f"--workdir={workdir}",
+           *SMALL, "--config.sweep.fit_device=1MiB", "--config.sweep.n_budgets=1"]
+    proc = subprocess.run(cmd, cwd=REPO, env=ONE_DEVICE, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    records = ledger(workdir)
+    assert len(records) == 3 and all(r["status"] == "skipped" for r in records)
+    assert all("per device; 1.0 MiB per device" in r["error"] for r in records)
+    assert not any(os.path.exists(workdir / "runs" / r["name"] / "metrics.jsonl") for r in records)
+    assert "not fitting" in proc.stdout

@@ -57,7 +57,7 @@ def test_tiny_learns_the_default_corpus(family, tmp_path):
 
 def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path):
     cfg = config_lib.load("configs/gpt.py:size=tiny")
-    cfg.train.update(steps=40, eval_every=1000, log_every=5, checkpoint_every=5, batch_size=4, seq_len=64)
+    cfg.train.update(steps=40, eval_every=1000, log_every=5, checkpoint_every=5, batch_size=8, seq_len=64)
     cfg.optim.update(warmup_steps=0, lr=1e9, grad_clip=0.0, schedule="constant", eps=1e-30)
     cfg.model.norm_eps = 1e-30
     cfg.data.cache_dir = str(tmp_path.parent.parent / "scalax-test-token-cache")

@@ -1,0 +1,52 @@
+"""The compiled pieces of a run on a mesh: the sharded initialiser and the jitted train and eval steps.
+
+One code path for 1 device, 8 fake CPU devices and a TPU pod: the loop, `scalax plan` and the tests all build
+their steps here. Parameters are initialised straight into their shardings (`jax.jit(init, out_shardings)`
+from the eval_shape of init); the train step is jitted with in/out shardings and donates the old state; the
+optimizer state is sharded like the parameters.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import optax
+
+from scalax.models import Decoder
+from scalax.parallel import shardings
+from scalax.parallel.mesh import Layout
+from scalax.train.state import init_state
+from scalax.train.step import make_eval_step, make_train_step
+
+
+@dataclasses.dataclass(frozen=True)
+class Program:
+    layout: Layout
+    abstract_state: Any  # ShapeDtypeStructs of the TrainState, carrying their shardings
+    state_sharding: Any
+    params_sharding: Any
+    init: Callable[[], Any]  # () -> TrainState, born sharded
+    train_step: Callable  # (state, batch_BxT1) -> (state, metrics)
+    eval_step: Callable  # (params, windows_NxT1) -> per-window mean loss [N], replicated
+
+    def batch_shape(self, batch_size: int, seq_len: int) -> jax.ShapeDtypeStruct:
+        return jax.ShapeDtypeStruct((batch_size, seq_len + 1), jax.numpy.int32, sharding=self.layout.batch_sharding)
+
+
+def build(model: Decoder, tx: optax.GradientTransformation, schedule: optax.Schedule, layout: Layout, seed: int,
+          seq_len: int, microbatches: int = 1, z_loss: float = 0.0) -> Program:
+    abstract = jax.eval_shape(lambda: init_state(model, tx, seed, seq_len))
+    params_sharding = shardings.param_shardings(model, layout)
+    state_sharding = shardings.state_shardings(abstract, params_sharding, layout)
+    init = jax.jit(lambda: init_state(model, tx, seed, seq_len), out_shardings=state_sharding)
+    train_step = layout.traced_in(jax.jit(
+        make_train_step(model, tx, schedule, microbatches, z_loss, layout),
+        in_shardings=(state_sharding, layout.batch_sharding), out_shardings=(state_sharding, layout.replicated),
+        donate_argnums=0))
+    eval_step = layout.traced_in(jax.jit(make_eval_step(model, layout), out_shardings=layout.replicated,
+                                         in_shardings=(params_sharding, layout.batch_sharding)))
+    return Program(layout, shardings.with_shardings(abstract, state_sharding), state_sharding, params_sharding, init,
+                   train_step, eval_step)

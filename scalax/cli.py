@@ -170,6 +170,68 @@ def cmd_plan(args: argparse.Namespace, overrides: list[str]) -> int:
     return 0 if report["fits"] != "does not fit" else 1
 
 
+def cmd_convert(args: argparse.Namespace, overrides: list[str]) -> int:
+    """Hugging Face directory <-> scalax checkpoint."""
+    import shutil
+
+    import ml_collections
+
+    from scalax import config as config_lib
+    from scalax.errors import ConfigError
+    from scalax.interop import hf
+    from scalax.train import checkpoint
+
+    if bool(args.from_hf) == bool(args.to_hf) or bool(args.from_hf) != bool(args.to) or bool(args.to_hf) != bool(
+            args.source):
+        raise ConfigError("scalax convert", "give --from-hf HF_DIR --to CKPT_DIR, or --from CKPT_DIR --to-hf HF_DIR")
+    if args.from_hf:
+        model_cfg, params = hf.load(args.from_hf)
+        family = "gpt" if model_cfg.position == "learned" else "llama"
+        cfg = config_lib.build(family, None)
+        cfg.model = model_cfg.to_dict()
+        cfg.train.seq_len = min(model_cfg.max_seq_len, 2048)
+        checkpoint.save_params(args.to, cfg.to_dict(), params)
+        if os.path.isfile(os.path.join(args.from_hf, "tokenizer.json")):  # generate uses it
+            shutil.copy(os.path.join(args.from_hf, "tokenizer.json"), os.path.join(args.to, "tokenizer.json"))
+        print(f"{args.from_hf} -> {args.to} ({model_cfg.n_layers} layers, d_model {model_cfg.d_model})")
+        return 0
+    config, params, where = checkpoint.load_params(args.source)
+    model_cfg = config_lib.model_config(ml_collections.ConfigDict(config))
+    hf.save(model_cfg, params, args.to_hf)
+    print(f"{where} -> {args.to_hf} ({hf.config_to_hf(model_cfg)['architectures'][0]})")
+    return 0
+
+
+def cmd_generate(args: argparse.Namespace, overrides: list[str]) -> int:
+    """Continue prompts with a trained or converted model (KV cache, compiled decode loop)."""
+    import ml_collections
+
+    from scalax import config as config_lib
+    from scalax.data import corpora, tokenizers
+    from scalax.errors import ConfigError
+    from scalax.models.generate import generate
+    from scalax.train import checkpoint
+
+    if not args.prompt:
+        raise ConfigError("--prompt", "give at least one --prompt")
+    config, params, _ = checkpoint.load_params(args.checkpoint)
+    cfg = ml_collections.ConfigDict(config)
+    for item in overrides:  # e.g. --config.model.dtype=float32
+        config_lib.apply_override(cfg, item)
+    model_cfg = config_lib.model_config(cfg)
+    tokenizer_json = os.path.join(args.checkpoint, "tokenizer.json")
+    tok = (tokenizers.BpeTokenizer.load(tokenizer_json) if os.path.isfile(tokenizer_json)
+           else corpora.load_tokenizer(cfg.data, log=lambda m: print(m, file=sys.stderr)))
+    eos = args.eos_id if args.eos_id is not None else getattr(tok, "eos_id", None)
+    prompts = [[int(i) for i in tok.encode(p.encode())] for p in args.prompt]
+    outputs = generate(model_cfg, params, prompts, args.max_tokens, args.temperature, args.top_k, args.top_p,
+                       args.seed, eos)
+    for prompt, new in zip(args.prompt, outputs, strict=True):
+        print(json.dumps({"prompt": prompt, "completion": tok.decode(new), "tokens": new}) if args.json
+              else prompt + tok.decode(new))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="scalax", description="Language-model scaling experiments in JAX.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -225,6 +287,25 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--device-memory", help="memory per device instead, e.g. 16GiB")
     plan.add_argument("--json", action="store_true")
     plan.set_defaults(func=cmd_plan)
+
+    convert = sub.add_parser("convert", help="Hugging Face directory <-> scalax checkpoint")
+    convert.add_argument("--from-hf", help="a Hugging Face model directory (GPT2LMHeadModel, LlamaForCausalLM)")
+    convert.add_argument("--to", help="the scalax checkpoint directory to write (config.json, params/)")
+    convert.add_argument("--from", dest="source", help="a training workdir or a converted checkpoint")
+    convert.add_argument("--to-hf", help="the Hugging Face directory to write (config.json, model.safetensors)")
+    convert.set_defaults(func=cmd_convert)
+
+    gen = sub.add_parser("generate", help="continue prompts with a trained or converted model")
+    gen.add_argument("--checkpoint", required=True, help="a training workdir or a converted checkpoint")
+    gen.add_argument("--prompt", action="append", help="a prompt; repeat for a batch")
+    gen.add_argument("--max_tokens", type=int, default=64)
+    gen.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
+    gen.add_argument("--top_k", type=int, default=0, help="0: no top-k filter")
+    gen.add_argument("--top_p", type=float, default=1.0, help="1: no nucleus filter")
+    gen.add_argument("--seed", type=int, default=0)
+    gen.add_argument("--eos_id", type=int, help="stop token (default: the tokenizer's end of text)")
+    gen.add_argument("--json", action="store_true", help="one JSON object per prompt")
+    gen.set_defaults(func=cmd_generate)
 
     plot = sub.add_parser("plot", help="fit and plot a sweep directory")
     plot.add_argument("dir")

@@ -16,6 +16,8 @@ from typing import Any
 
 import orbax.checkpoint as ocp
 
+from scalax.errors import ScalaxError
+
 ITEMS = ("state", "data", "meta")
 
 
@@ -67,3 +69,54 @@ class Checkpointer:
     def close(self) -> None:
         self.manager.wait_until_finished()
         self.manager.close()
+
+
+# ---------------------------------------------------------------------- parameters alone (convert, generate)
+PARAMS_DIR = "params"
+
+
+def save_params(directory: str, config: dict, params) -> None:
+    """A converted checkpoint: `directory/config.json` (a scalax config) and `directory/params` (orbax)."""
+    from scalax.io import atomic_write_json
+
+    directory = os.path.abspath(directory)
+    target = os.path.join(directory, PARAMS_DIR)
+    if os.path.exists(target):
+        raise CheckpointError(f"{directory} already holds a checkpoint ({PARAMS_DIR}/); choose another --to")
+    os.makedirs(directory, exist_ok=True)
+    with ocp.StandardCheckpointer() as checkpointer:
+        checkpointer.save(target, params)
+    atomic_write_json(os.path.join(directory, "config.json"), config)
+
+
+def load_params(directory: str) -> tuple[dict, Any, str]:
+    """(config, parameters, where they came from) of a converted checkpoint or of a training workdir's latest
+    readable step."""
+    import json
+
+    directory = os.path.abspath(directory)
+    config_path = os.path.join(directory, "config.json")
+    if not os.path.isfile(config_path):
+        raise CheckpointError(f"{directory}: no config.json; expected a training workdir (scalax train) or a "
+                              "converted checkpoint (scalax convert)")
+    with open(config_path) as f:
+        config = json.load(f)
+    if os.path.isdir(os.path.join(directory, PARAMS_DIR)):
+        with ocp.StandardCheckpointer() as checkpointer:
+            return config, checkpointer.restore(os.path.join(directory, PARAMS_DIR)), f"{directory}/{PARAMS_DIR}"
+    if os.path.isdir(os.path.join(directory, "checkpoints")):
+        manager = Checkpointer(directory, keep=1_000_000, async_save=False)
+        try:
+            for step in reversed(manager.steps()):
+                try:
+                    restored = manager.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
+                except Exception:  # a damaged step: try the one before, as training does
+                    continue
+                return config, restored.state["params"], f"{directory} step {step}"
+        finally:
+            manager.manager.close()
+    raise CheckpointError(f"{directory}: no readable checkpoint (neither {PARAMS_DIR}/ nor checkpoints/)")
+
+
+class CheckpointError(ScalaxError):
+    """A checkpoint directory that cannot be read or written as asked."""

@@ -1,0 +1,1 @@
+"""Interoperability: Hugging Face checkpoints in and out."""

@@ -366,7 +366,9 @@ def fit(runs: Runs, approach: str = "all", bootstrap: int = 0, level: float = 0.
             if theta is not None:
                 res["approach3"], _ = fit_approach3(sample, theta)
             for k, v in _flat(res).items():
-                if math.isfinite(v):  # a resample whose fit ran off to infinity says nothing about the spread
+                # Only what the full fit reports (a resample may find exponents the full data does not), and
+                # not a resample whose fit ran off to infinity: it says nothing about the spread.
+                if k in samples and math.isfinite(v):
                     samples[k].append(v)
         lo, hi = (1 - level) / 2, (1 + level) / 2
         for name, approach_result in result.items():  # (spreads of huge resampled coefficients may overflow)

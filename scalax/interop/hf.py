@@ -218,40 +218,20 @@ def params_to_hf(cfg: ModelConfig, params: dict) -> dict[str, np.ndarray]:
 
 
 def _expected_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
-    """Every tensor a Hugging Face checkpoint of this config holds, with its shape (names without the
-    `transformer.` prefix of GPT-2)."""
-    zero = _zero_tensors(cfg)
-    return {k.removeprefix("transformer."): v.shape for k, v in zero.items()}
+    """Every tensor a Hugging Face checkpoint of this config holds, with its shape (names without GPT-2's
+    `transformer.` prefix): the model's own parameter shapes (init under eval_shape, nothing allocated) run
+    through the real conversion as zero-strided stand-ins."""
+    import jax
+    import jax.numpy as jnp
+    from flax import linen as nn
 
+    from scalax.models import Decoder
 
-def _zero_tensors(cfg: ModelConfig) -> dict[str, np.ndarray]:
-    """Zero-strided stand-ins of every HF tensor of cfg: the real conversion run on shapes alone."""
-    D, H, G, K, F, V, L = (cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.d_ff, cfg.vocab_size,
-                           cfg.n_layers)
-
-    def z(*shape):
-        return np.broadcast_to(np.float32(0), shape)
-
-    if _family(cfg) == "GPT2LMHeadModel":
-        params = {"embed": {"embedding": z(V, D)}, "pos_embed": z(cfg.max_seq_len, D),
-                  "final_norm": {"scale": z(D), "bias": z(D)}}
-        for i in range(L):
-            params[f"layer_{i}"] = {
-                "attn": {**{n: {"kernel": z(D, H, K), "bias": z(H, K)} for n in "qkv"},
-                         "o": {"kernel": z(H, K, D), "bias": z(D)}},
-                "attn_norm": {"scale": z(D), "bias": z(D)}, "mlp_norm": {"scale": z(D), "bias": z(D)},
-                "mlp": {"wi": {"kernel": z(D, F), "bias": z(F)}, "wo": {"kernel": z(F, D), "bias": z(D)}}}
-        return _gpt2_to_hf(cfg, params)
-    params = {"embed": {"embedding": z(V, D)}, "final_norm": {"scale": z(D)}}
-    if not cfg.tie_embeddings:
-        params["head"] = {"kernel": z(D, V)}
-    for i in range(L):
-        params[f"layer_{i}"] = {
-            "attn": {"q": {"kernel": z(D, H, K)}, "k": {"kernel": z(D, G, K)}, "v": {"kernel": z(D, G, K)},
-                     "o": {"kernel": z(H, K, D)}},
-            "attn_norm": {"scale": z(D)}, "mlp_norm": {"scale": z(D)},
-            "mlp": {"wg": {"kernel": z(D, F)}, "wi": {"kernel": z(D, F)}, "wo": {"kernel": z(F, D)}}}
-    return _llama_to_hf(cfg, params)
+    unrolled = dataclasses.replace(cfg, scan_layers=False)
+    shapes = jax.eval_shape(lambda: nn.meta.unbox(
+        Decoder(unrolled).init(jax.random.key(0), jnp.zeros((1, 1), jnp.int32))["params"]))
+    zeros = jax.tree.map(lambda a: np.broadcast_to(np.float32(0), a.shape), shapes)
+    return {k.removeprefix("transformer."): v.shape for k, v in params_to_hf(unrolled, zeros).items()}
 
 
 def _numpy(tree):

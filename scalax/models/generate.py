@@ -30,9 +30,9 @@ def sample(logits_BxV: jax.Array, key: jax.Array, temperature: float, top_k: int
         logits_BxV = jnp.where(logits_BxV < kth_Bx1, -jnp.inf, logits_BxV)
     if top_p < 1:
         sorted_BxV = jnp.sort(logits_BxV, axis=-1)[:, ::-1]
-        cumulative_BxV = jnp.cumsum(jax.nn.softmax(sorted_BxV, axis=-1), axis=-1)
+        probs_BxV = jax.nn.softmax(sorted_BxV, axis=-1)
         # keep a token while the probability mass before it is below top_p (so at least the first is kept)
-        keep_BxV = (cumulative_BxV - jax.nn.softmax(sorted_BxV, axis=-1)) < top_p
+        keep_BxV = (jnp.cumsum(probs_BxV, axis=-1) - probs_BxV) < top_p
         cutoff_Bx1 = jnp.min(jnp.where(keep_BxV, sorted_BxV, jnp.inf), axis=-1, keepdims=True)
         logits_BxV = jnp.where(logits_BxV < cutoff_Bx1, -jnp.inf, logits_BxV)
     return jax.random.categorical(key, logits_BxV, axis=-1).astype(jnp.int32)

@@ -112,10 +112,8 @@ def run_sweep(cfg: ConfigDict, workdir: str, parallel: int = 1, log=print) -> di
 
 
 def _start(cfg: ConfigDict, run, workdir: str) -> tuple[subprocess.Popen, float]:
-    run_dir = os.path.join(workdir, "runs", run.name)
-    os.makedirs(run_dir, exist_ok=True)
-    config_path = os.path.join(run_dir, "run_config.json")
-    atomic_write_json(config_path, sweep_lib.run_config(cfg, run).to_dict())
+    config_path = _write_run_config(cfg, run, workdir)
+    run_dir = os.path.dirname(config_path)
     with open(os.path.join(run_dir, "train.log"), "a") as log_file:  # the child keeps its own descriptor
         proc = subprocess.Popen([sys.executable, "-m", "scalax", "train", f"--config={config_path}",
                                  f"--workdir={run_dir}"], stdout=log_file, stderr=subprocess.STDOUT,
@@ -128,10 +126,7 @@ def _does_not_fit(cfg: ConfigDict, run, workdir: str) -> str | None:
     device = cfg.sweep.get("fit_device", "")
     if not device:
         return None
-    run_dir = os.path.join(workdir, "runs", run.name)
-    os.makedirs(run_dir, exist_ok=True)
-    config_path = os.path.join(run_dir, "run_config.json")
-    atomic_write_json(config_path, sweep_lib.run_config(cfg, run).to_dict())
+    config_path = _write_run_config(cfg, run, workdir)
     from scalax.parallel.plan import DEVICE_MEMORY
 
     target = f"--device={device}" if device.lower() in DEVICE_MEMORY else f"--device-memory={device}"
@@ -145,6 +140,15 @@ def _does_not_fit(cfg: ConfigDict, run, workdir: str) -> str | None:
     if report["fits"] == "fits":
         return None
     return f"needs {report['peak_per_device'] / 2**30:.2f} GiB per device; {report['device']}"
+
+
+def _write_run_config(cfg: ConfigDict, run, workdir: str) -> str:
+    """DIR/runs/NAME/run_config.json: the base config with the run's overrides; returns its path."""
+    run_dir = os.path.join(workdir, "runs", run.name)
+    os.makedirs(run_dir, exist_ok=True)
+    config_path = os.path.join(run_dir, "run_config.json")
+    atomic_write_json(config_path, sweep_lib.run_config(cfg, run).to_dict())
+    return config_path
 
 
 def _tail(workdir: str, name: str):

@@ -1,16 +1,28 @@
-"""The `scalax` command: `scalax info | ...`. A user's mistake prints one line and exits 2."""
+"""The `scalax` command: `scalax info | train | ...`. A user's mistake prints one line and exits 2; anything
+else that goes wrong prints one line and exits 1 (`--verbose` shows the traceback)."""
 
 from __future__ import annotations
 
 import argparse
 import json
 import os
+import re
 import sys
+import traceback
 from collections.abc import Sequence
 
-from scalax.errors import ScalaxError
+from scalax import __version__
+from scalax.errors import ConfigError, ScalaxError
 
 EXIT_USER_ERROR = 2
+EXIT_FAILED = 1
+
+
+class Incomplete(ScalaxError):
+    """The command ran but did not do its whole job (a sweep with failed runs)."""
+
+    exit_code = EXIT_FAILED
+    label = "incomplete"
 
 
 def _split_overrides(argv: Sequence[str]) -> tuple[list[str], list[str]]:
@@ -19,15 +31,35 @@ def _split_overrides(argv: Sequence[str]) -> tuple[list[str], list[str]]:
     return [a for a in argv if not a.startswith("--config.")], overrides
 
 
+def _hyphenate(arg: str) -> str:
+    """`--max_tokens=5` -> `--max-tokens=5`: flags are spelled with hyphens; the underscore forms still work."""
+    match = re.match(r"^(--[a-z0-9_-]+)(=.*)?$", arg, re.S)
+    if not match:
+        return arg
+    return match.group(1).replace("_", "-") + (match.group(2) or "")
+
+
 def cmd_info(args: argparse.Namespace, overrides: list[str]) -> int:
     """Shape, parameter counts (from the real module, under jax.eval_shape) and FLOPs per token."""
     import jax
     import jax.numpy as jnp
 
     from scalax import config as config_lib
-    from scalax.models import Decoder
+    from scalax.models import Decoder, presets
     from scalax.scaling import flops
 
+    if args.list:
+        print("presets (configs/gpt.py:preset=NAME, configs/llama.py:preset=NAME):")
+        for name, fields in presets.PRESETS.items():
+            print(f"  {name:<16} d_model {fields['d_model']:>6}, n_layers {fields['n_layers']:>3}, "
+                  f"position {fields['position']}, context {fields['max_seq_len']}")
+        print(f"families (configs/FAMILY.py:d_model=D,n_layers=L): {', '.join(presets.FAMILIES)}")
+        print("named sizes (configs/FAMILY.py:size=NAME):")
+        for name, (d_model, n_layers, context) in presets.SIZES.items():
+            print(f"  {name:<16} d_model {d_model:>6}, n_layers {n_layers:>3}, context {context}")
+        return 0
+    if not args.config:
+        raise ConfigError("scalax info", "give --config=FILE[:ARG] (or --list for the presets)")
     cfg = config_lib.load(args.config, overrides)
     model_cfg = config_lib.model_config(cfg)
     seq_len = cfg.train.seq_len
@@ -65,7 +97,7 @@ def cmd_train(args: argparse.Namespace, overrides: list[str]) -> int:
             or os.environ.get(mesh.ENV["coordinator"]):
         mesh.initialize_distributed(args.coordinator, args.num_processes, args.process_id)
     cfg = config_lib.load(args.config, overrides)
-    summary = loop.train(cfg, args.workdir)
+    summary = loop.train(cfg, args.workdir, allow_changes=args.allow_changes)
     print(f"finished: step {summary['step']}, eval {summary['eval_loss']:.4f} nats/token, "
           f"{summary['eval_bpb']:.4f} bits/byte; {args.workdir}")
     return 0
@@ -86,62 +118,75 @@ def cmd_prepare(args: argparse.Namespace, overrides: list[str]) -> int:
 
 
 def cmd_sweep(args: argparse.Namespace, overrides: list[str]) -> int:
-    """Run (or resume) a sweep, then fit and plot."""
+    """Run (or resume) a sweep, then fit and plot; exit status 1 when a run did not finish."""
     from scalax import config as config_lib
-    from scalax.errors import ConfigError
+    from scalax.io import check_output_dir
     from scalax.scaling import runner
 
     if args.parallel <= 0:
         raise ConfigError("--parallel", f"must be a positive integer, got {args.parallel}")
     cfg = config_lib.load(args.config, overrides)
-    result = runner.run_sweep(cfg, args.workdir, args.parallel)
-    if "approach3" in result:
-        p = result["approach3"]
-        print(f"L(N, D) = {p['E']:.3f} + {p['A']:.4g}/N^{p['alpha']:.3f} + {p['B']:.4g}/D^{p['beta']:.3f}; "
-              f"N_opt ∝ C^{p['a']:.3f}, D_opt ∝ C^{p['b']:.3f}; see {args.workdir}/report.md")
+    runner.check_sweep_config(cfg)
+    check_output_dir(args.workdir, "--workdir")
+    runner.run_sweep(cfg, args.workdir, args.parallel, force=args.force)
+    unfinished = runner.Ledger(args.workdir).unfinished()
+    if unfinished:
+        for r in unfinished:
+            print(f"scalax sweep: {r['name']} {r.get('status')}: {r.get('error')}", file=sys.stderr)
+        raise Incomplete(f"{len(unfinished)} of {len(runner.Ledger(args.workdir).records)} runs did not finish "
+                         f"({', '.join(r['name'] for r in unfinished)}); run the same command again to retry them")
     return 0
 
 
+def _sweep_of(directory: str) -> dict:
+    """The `sweep` section of a sweep directory's sweep.json ({} when it has none)."""
+    path = os.path.join(directory, "sweep.json")
+    if not os.path.isfile(path):
+        return {}
+    from scalax import config as config_lib
+
+    cfg = config_lib.load(path)
+    return cfg.sweep.to_dict() if "sweep" in cfg else {}
+
+
 def cmd_fit(args: argparse.Namespace, overrides: list[str]) -> int:
-    """Fit a sweep directory or a CSV (params, tokens, loss[, flops])."""
-    from scalax.errors import ConfigError
+    """Fit a sweep directory or a CSV (params, tokens, loss[, flops]), as the sweep itself does."""
+    from scalax.scaling import analysis, report, runner
     from scalax.scaling import fit as fit_lib
-    from scalax.scaling import runner
 
     if bool(args.csv) == bool(args.dir):
         raise ConfigError("scalax fit", "give a sweep directory or --csv FILE (one of them)")
     if args.csv:
-        runs = fit_lib.read_csv(args.csv)
+        runs, sweep, conventions = fit_lib.read_csv(args.csv), {}, None
     else:
+        if not os.path.isdir(args.dir):
+            raise ConfigError("scalax fit", f"no such directory: {args.dir}")
         ledger = runner.Ledger(args.dir)
         if not ledger.records:
             raise ConfigError("scalax fit", f"{args.dir} holds no runs.jsonl")
-        runs = fit_lib.runs_from_records(list(ledger.records.values()), f"params_{args.params}", f"flops_{args.flops}")
-    runs = fit_lib.drop_outliers(runs, args.drop_highest)
-    result = runner.jsonable(fit_lib.fit(runs, args.approach, bootstrap=args.bootstrap, level=args.level,
-                                          seed=args.seed))
-    if args.json:
-        print(json.dumps(result, indent=2))
-        return 0
-    for name, approach in result.items():
-        scalars = {k: v for k, v in approach.items() if isinstance(v, float)}
-        print(name, " ".join(f"{k}={v:.4g}" for k, v in scalars.items()))
-        for key in ("a", "b"):
-            if isinstance(approach.get(key), dict):
-                print(f"  {key}: exponent {approach[key]['exponent']:.4f} (R² {approach[key]['r2']:.4f})")
+        sweep = _sweep_of(args.dir)  # the sweep's own conventions and bootstrap, unless flags say otherwise
+        sweep.update({k: v for k, v in (("params", args.params), ("flops", args.flops)) if v is not None})
+        conventions = analysis.conventions(sweep)
+        runs = analysis.runs_of_ledger(list(ledger.records.values()), sweep)
+    bootstrap = args.bootstrap if args.bootstrap is not None else sweep.get("bootstrap", 0)
+    seed = args.seed if args.seed is not None else sweep.get("seed", 0)
+    result = runner.jsonable(analysis.analyse(runs, args.approach, bootstrap=bootstrap, level=args.level, seed=seed,
+                                              conventions_used=conventions, drop_highest=args.drop_highest))
+    print(json.dumps(result, indent=2) if args.json else report.summary(result))
     return 0
 
 
 def cmd_plot(args: argparse.Namespace, overrides: list[str]) -> int:
-    """Fit and plot a sweep directory again (fit.json, report.md, plots/)."""
+    """Fit and plot a sweep directory again (fit.json, fit_runs.csv, report.md, plots/)."""
     from scalax import config as config_lib
-    from scalax.errors import ConfigError
     from scalax.scaling import runner
 
     path = os.path.join(args.dir, "sweep.json")
     if not os.path.isfile(path):
         raise ConfigError("scalax plot", f"{args.dir} is not a sweep directory (no sweep.json)")
-    runner.finish(args.dir, config_lib.load(path, overrides))
+    cfg = config_lib.load(path, overrides)
+    runner.check_sweep_config(cfg, path)
+    runner.finish(args.dir, cfg)
     return 0
 
 
@@ -150,7 +195,6 @@ def cmd_plan(args: argparse.Namespace, overrides: list[str]) -> int:
     process with N fake CPU devices (XLA reads the device count once, before jax starts)."""
     import subprocess
 
-    from scalax.errors import ConfigError
     from scalax.parallel import plan as plan_lib
 
     if args.devices <= 0:
@@ -170,6 +214,21 @@ def cmd_plan(args: argparse.Namespace, overrides: list[str]) -> int:
     return 0 if report["fits"] != "does not fit" else 1
 
 
+def _check_target(path: str, key: str, force: bool) -> None:
+    """Refuse to write a checkpoint or an export into a file, a training workdir, or a non-empty directory,
+    unless --force."""
+    from scalax.io import check_output_dir
+
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise ConfigError(key, f"{path} is a file; allowed: a new or empty directory")
+    if os.path.isdir(path) and os.listdir(path) and not force:
+        what = ("a training workdir" if os.path.exists(os.path.join(path, "checkpoints")) else
+                "a checkpoint" if os.path.exists(os.path.join(path, "params")) else "not empty")
+        raise ConfigError(key, f"{path} is {what}; writing there would replace its files. Allowed: a new or empty "
+                          "directory, or --force to overwrite")
+    check_output_dir(path, key)
+
+
 def cmd_convert(args: argparse.Namespace, overrides: list[str]) -> int:
     """Hugging Face directory <-> scalax checkpoint."""
     import shutil
@@ -177,7 +236,6 @@ def cmd_convert(args: argparse.Namespace, overrides: list[str]) -> int:
     import ml_collections
 
     from scalax import config as config_lib
-    from scalax.errors import ConfigError
     from scalax.interop import hf
     from scalax.train import checkpoint
 
@@ -185,21 +243,27 @@ def cmd_convert(args: argparse.Namespace, overrides: list[str]) -> int:
             args.source):
         raise ConfigError("scalax convert", "give --from-hf HF_DIR --to CKPT_DIR, or --from CKPT_DIR --to-hf HF_DIR")
     if args.from_hf:
+        _check_target(args.to, "--to", args.force)
         model_cfg, params = hf.load(args.from_hf)
         family = "gpt" if model_cfg.position == "learned" else "llama"
         cfg = config_lib.build(family, None)
         cfg.model = model_cfg.to_dict()
         cfg.train.seq_len = min(model_cfg.max_seq_len, 2048)
-        checkpoint.save_params(args.to, cfg.to_dict(), params)
+        checkpoint.save_params(args.to, cfg.to_dict(), params, overwrite=args.force)
         if os.path.isfile(os.path.join(args.from_hf, "tokenizer.json")):  # generate uses it
             shutil.copy(os.path.join(args.from_hf, "tokenizer.json"), os.path.join(args.to, "tokenizer.json"))
         print(f"{args.from_hf} -> {args.to} ({model_cfg.n_layers} layers, d_model {model_cfg.d_model})")
         return 0
-    config, params, where = checkpoint.load_params(args.source)
+    _check_target(args.to_hf, "--to-hf", args.force)
+    config, params, where = checkpoint.load_params(args.source, warn=_warn)
     model_cfg = config_lib.model_config(ml_collections.ConfigDict(config))
     hf.save(model_cfg, params, args.to_hf)
     print(f"{where} -> {args.to_hf} ({hf.config_to_hf(model_cfg)['architectures'][0]})")
     return 0
+
+
+def _warn(message: str) -> None:
+    print(message, file=sys.stderr)
 
 
 def cmd_generate(args: argparse.Namespace, overrides: list[str]) -> int:
@@ -208,13 +272,12 @@ def cmd_generate(args: argparse.Namespace, overrides: list[str]) -> int:
 
     from scalax import config as config_lib
     from scalax.data import corpora, tokenizers
-    from scalax.errors import ConfigError
     from scalax.models.generate import generate
     from scalax.train import checkpoint
 
     if not args.prompt:
         raise ConfigError("--prompt", "give at least one --prompt")
-    config, params, _ = checkpoint.load_params(args.checkpoint)
+    config, params, _ = checkpoint.load_params(args.checkpoint, warn=_warn)
     cfg = ml_collections.ConfigDict(config)
     for item in overrides:  # e.g. --config.model.dtype=float32
         config_lib.apply_override(cfg, item)
@@ -232,83 +295,112 @@ def cmd_generate(args: argparse.Namespace, overrides: list[str]) -> int:
     return 0
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse, with a usage mistake reported in one line (the usage itself is one --help away)."""
+
+    def error(self, message: str):
+        self.exit(EXIT_USER_ERROR, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="scalax", description="Language-model scaling experiments in JAX.")
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--verbose", action="store_true", help="on an error, print the whole traceback too")
+    kw = {"parents": [common], "formatter_class": argparse.ArgumentDefaultsHelpFormatter}
+    overrides = "Override any config field with --config.KEY=VALUE."
+    parser = Parser(prog="scalax", description="Language-model scaling experiments in JAX. "
+                                     "Flags are spelled with hyphens (--max-tokens); underscores work too.")
+    parser.add_argument("--version", action="version", version=f"scalax {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
-    info = sub.add_parser("info", help="a model's shape, parameter counts and FLOPs per token",
-                          description="Override any config field with --config.KEY=VALUE.")
-    info.add_argument("--config", required=True, help="config file and argument, e.g. configs/llama.py:size=tiny")
+    info = sub.add_parser("info", help="a model's shape, parameter counts and FLOPs per token", description=overrides,
+                          **kw)
+    info.add_argument("--config", help="config file and argument, e.g. configs/llama.py:size=tiny")
     info.add_argument("--json", action="store_true", help="print one JSON object")
+    info.add_argument("--list", action="store_true", help="list the presets, families and named sizes")
     info.set_defaults(func=cmd_info)
 
-    train = sub.add_parser("train", help="train or resume one run",
-                           description="Override any config field with --config.KEY=VALUE.")
+    train = sub.add_parser("train", help="train or resume one run", description=overrides, **kw)
     train.add_argument("--config", required=True, help="config file and argument, e.g. configs/llama.py:size=tiny")
     train.add_argument("--workdir", required=True, help="run directory: checkpoints, logs; resumes if it has one")
+    train.add_argument("--allow-changes", action="store_true",
+                       help="resume even though the run's length (train.steps, train.tokens) or optimizer (optim.*) "
+                            "differ from the checkpoint's; the new schedule applies from the restored step")
     multi = train.add_argument_group("multi-host (jax.distributed); or SCALAX_COORDINATOR, SCALAX_NUM_PROCESSES, "
                                      "SCALAX_PROCESS_ID")
     multi.add_argument("--distributed", action="store_true",
                        help="initialise jax.distributed; alone, JAX detects the cluster (Cloud TPU, SLURM)")
     multi.add_argument("--coordinator", help="HOST:PORT of process 0")
-    multi.add_argument("--num_processes", type=int)
-    multi.add_argument("--process_id", type=int)
+    multi.add_argument("--num-processes", type=int)
+    multi.add_argument("--process-id", type=int)
     train.set_defaults(func=cmd_train)
 
     prepare = sub.add_parser("prepare", help="tokenize the corpus (and train a BPE) ahead of training",
-                             description="Override any config field with --config.KEY=VALUE.")
-    prepare.add_argument("--config", required=True)
+                             description=overrides, **kw)
+    prepare.add_argument("--config", required=True, help="config file and argument, e.g. configs/llama.py:size=tiny")
     prepare.set_defaults(func=cmd_prepare)
 
-    sweep = sub.add_parser("sweep", help="run a sweep (resumable), then fit and plot")
+    sweep = sub.add_parser("sweep", help="run a sweep (resumable), then fit and plot", description=overrides + " "
+                           "Exit status 1 when a run failed (the others still train, and the fit uses them).", **kw)
     sweep.add_argument("--config", required=True, help="a sweep config, e.g. configs/sweeps/quickstart.py")
-    sweep.add_argument("--workdir", required=True)
+    sweep.add_argument("--workdir", required=True, help="the sweep's directory; resumes if it holds the same sweep")
     sweep.add_argument("--parallel", type=int, default=1, help="runs trained at once")
+    sweep.add_argument("--force", action="store_true",
+                       help="the workdir holds a sweep with another grid: move the runs that changed to "
+                            "DIR/replaced/ and train the new grid")
     sweep.set_defaults(func=cmd_sweep)
 
-    fit = sub.add_parser("fit", help="fit scaling laws to a sweep directory or a CSV")
-    fit.add_argument("dir", nargs="?", help="a sweep directory (its runs.jsonl)")
-    fit.add_argument("--csv", help="a CSV with columns params, tokens, loss (optional flops)")
-    fit.add_argument("--approach", default="all", help="1, 2, 3 or all")
-    fit.add_argument("--bootstrap", type=int, default=0, help="resamples over runs for confidence intervals")
-    fit.add_argument("--level", type=float, default=0.8, help="confidence level of the intervals")
+    from scalax.scaling import fit as fit_lib
+    from scalax.scaling import flops
+
+    fit = sub.add_parser("fit", help="fit scaling laws to a sweep directory or a CSV",
+                         description="Prints every approach with its intervals and warnings (or --json). A sweep "
+                                     "directory is fitted as the sweep fitted it: its conventions, bootstrap and "
+                                     "seed, unless given here.", **kw)
+    fit.add_argument("dir", nargs="?", help="a sweep directory (its runs.jsonl and sweep.json)")
+    fit.add_argument("--csv", help="a CSV with columns params, tokens, loss (optional: flops, name), e.g. a sweep's "
+                                   "fit_runs.csv")
+    fit.add_argument("--approach", default="all", help=f"one of {', '.join(fit_lib.APPROACHES)}")
+    fit.add_argument("--bootstrap", type=int, help="resamples over runs for the intervals (default: the sweep's, "
+                                                   "or 0 for a CSV)")
+    fit.add_argument("--level", type=float, default=0.8, help="confidence level of the intervals, in (0, 1)")
     fit.add_argument("--drop-highest", type=int, default=0, help="drop the k highest losses")
-    fit.add_argument("--params", default="non_embedding", help="N of a sweep: non_embedding or total")
-    fit.add_argument("--flops", default="6n", help="C of a sweep: 6n, 6n_head, 6n_head_attn or exact")
-    fit.add_argument("--seed", type=int, default=0)
-    fit.add_argument("--json", action="store_true")
+    fit.add_argument("--params", choices=("non_embedding", "total"), help="N of a sweep (default: the sweep's)")
+    fit.add_argument("--flops", choices=flops.CONVENTIONS, help="C of a sweep (default: the sweep's)")
+    fit.add_argument("--seed", type=int, help="bootstrap seed (default: the sweep's, or 0)")
+    fit.add_argument("--json", action="store_true", help="print fit.json's object")
     fit.set_defaults(func=cmd_fit)
 
     plan = sub.add_parser("plan", help="per-device memory of a train step on N devices; does it fit a device?",
-                          description="Override any config field (mesh.*, train.batch_size, ...) with "
-                                      "--config.KEY=VALUE. Exit status 1 when it does not fit.")
-    plan.add_argument("--config", required=True)
+                          description=overrides + " Exit status 1 when it does not fit.", **kw)
+    plan.add_argument("--config", required=True, help="config file and argument, e.g. configs/llama.py:size=tiny")
     plan.add_argument("--devices", type=int, required=True, help="devices of the slice (all processes)")
     plan.add_argument("--device", help="a device to check against: v4, v5e, v5p, v6e, h100, h200")
     plan.add_argument("--device-memory", help="memory per device instead, e.g. 16GiB")
-    plan.add_argument("--json", action="store_true")
+    plan.add_argument("--json", action="store_true", help="print one JSON object")
     plan.set_defaults(func=cmd_plan)
 
-    convert = sub.add_parser("convert", help="Hugging Face directory <-> scalax checkpoint")
+    convert = sub.add_parser("convert", help="Hugging Face directory <-> scalax checkpoint", **kw)
     convert.add_argument("--from-hf", help="a Hugging Face model directory (GPT2LMHeadModel, LlamaForCausalLM)")
     convert.add_argument("--to", help="the scalax checkpoint directory to write (config.json, params/)")
     convert.add_argument("--from", dest="source", help="a training workdir or a converted checkpoint")
     convert.add_argument("--to-hf", help="the Hugging Face directory to write (config.json, model.safetensors)")
+    convert.add_argument("--force", action="store_true", help="write into a non-empty directory, replacing its files")
     convert.set_defaults(func=cmd_convert)
 
-    gen = sub.add_parser("generate", help="continue prompts with a trained or converted model")
+    gen = sub.add_parser("generate", help="continue prompts with a trained or converted model",
+                         description=overrides, **kw)
     gen.add_argument("--checkpoint", required=True, help="a training workdir or a converted checkpoint")
     gen.add_argument("--prompt", action="append", help="a prompt; repeat for a batch")
-    gen.add_argument("--max_tokens", type=int, default=64)
+    gen.add_argument("--max-tokens", type=int, default=64, help="new tokens per prompt at most")
     gen.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
-    gen.add_argument("--top_k", type=int, default=0, help="0: no top-k filter")
-    gen.add_argument("--top_p", type=float, default=1.0, help="1: no nucleus filter")
-    gen.add_argument("--seed", type=int, default=0)
-    gen.add_argument("--eos_id", type=int, help="stop token (default: the tokenizer's end of text)")
+    gen.add_argument("--top-k", type=int, default=0, help="0: no top-k filter")
+    gen.add_argument("--top-p", type=float, default=1.0, help="1: no nucleus filter")
+    gen.add_argument("--seed", type=int, default=0, help="sampling seed")
+    gen.add_argument("--eos-id", type=int, help="stop token (default: the tokenizer's end of text)")
     gen.add_argument("--json", action="store_true", help="one JSON object per prompt")
     gen.set_defaults(func=cmd_generate)
 
-    plot = sub.add_parser("plot", help="fit and plot a sweep directory")
-    plot.add_argument("dir")
+    plot = sub.add_parser("plot", help="fit and plot a sweep directory again", **kw)
+    plot.add_argument("dir", help="a sweep directory (its sweep.json and runs.jsonl)")
     plot.set_defaults(func=cmd_plot)
     return parser
 
@@ -316,16 +408,34 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args_only, overrides = _split_overrides(argv)
-    args = build_parser().parse_args(args_only)
+    try:
+        args = build_parser().parse_args([_hyphenate(a) for a in args_only])
+    except SystemExit as e:  # --help, --version, or a usage mistake (already printed in one line)
+        return e.code if isinstance(e.code, int) else EXIT_USER_ERROR
     args.argv = argv
     try:
         return args.func(args, overrides)
     except ScalaxError as e:
+        if args.verbose:
+            traceback.print_exc()
         print(f"scalax {args.command}: {e.label}: {e}", file=sys.stderr)
         return e.exit_code
     except KeyboardInterrupt:
         print(f"scalax {args.command}: interrupted", file=sys.stderr)
         return 130
+    except OSError as e:  # a path the user named: missing, unreadable, not writable, a file for a directory
+        if args.verbose:
+            traceback.print_exc()
+        where = f" {e.filename}" if e.filename else ""
+        print(f"scalax {args.command}: error:{where}: {e.strerror or e}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except Exception as e:  # a bug, or a case we did not foresee: one line, the traceback on request
+        if args.verbose:
+            traceback.print_exc()
+        first = str(e).strip().splitlines()[0][:300] if str(e).strip() else ""
+        print(f"scalax {args.command}: internal error: {type(e).__name__}: {first} (run with --verbose for the "
+              "traceback, and please report it)", file=sys.stderr)
+        return EXIT_FAILED
 
 
 if __name__ == "__main__":

@@ -126,8 +126,11 @@ def load(spec: str, overrides: Sequence[str] = ()) -> ml_collections.ConfigDict:
     """Load `path.py[:arg]`, call its get_config(arg), then apply `--config.KEY=VALUE` overrides."""
     path, _, arg = spec.partition(":")
     if path.endswith(".json") and os.path.isfile(path):  # a resolved config, as runs and sweeps write them
-        with open(path) as f:
-            cfg = ml_collections.ConfigDict(json.load(f))
+        try:
+            with open(path) as f:
+                cfg = ml_collections.ConfigDict(json.load(f))
+        except (ValueError, TypeError) as e:
+            raise ConfigError("--config", f"{path} is not a JSON config tree: {e}") from None
         for item in overrides:
             apply_override(cfg, item)
         return cfg
@@ -141,10 +144,24 @@ def load(spec: str, overrides: Sequence[str] = ()) -> ml_collections.ConfigDict:
         path = beside_package
     module_spec = importlib.util.spec_from_file_location(f"scalax_config_{abs(hash(path))}", path)
     module = importlib.util.module_from_spec(module_spec)
-    module_spec.loader.exec_module(module)
+    try:
+        module_spec.loader.exec_module(module)
+    except SyntaxError as e:
+        raise ConfigError("--config", f"{path}:{e.lineno}: syntax error: {e.msg}") from e
+    except ConfigError:
+        raise
+    except Exception as e:
+        raise ConfigError("--config", f"{path}: loading it raised {type(e).__name__}: {e}") from e
     if not hasattr(module, "get_config"):
         raise ConfigError("--config", f"{path} defines no get_config(arg)")
-    cfg = module.get_config(arg or None)
+    try:
+        cfg = module.get_config(arg or None)
+    except ConfigError:
+        raise
+    except Exception as e:
+        raise ConfigError("--config", f"{path}: get_config({arg or None!r}) raised {type(e).__name__}: {e}") from e
+    if not isinstance(cfg, ml_collections.ConfigDict):
+        raise ConfigError("--config", f"{path}: get_config returned a {type(cfg).__name__}; allowed: a ConfigDict")
     for item in overrides:
         apply_override(cfg, item)
     return cfg
@@ -164,6 +181,9 @@ def apply_override(cfg: ml_collections.ConfigDict, item: str) -> None:
         node = node[name]
     if not isinstance(node, ml_collections.ConfigDict) or leaf not in node:
         raise ConfigError(dotted, _unknown_key_message(node))
+    if isinstance(node[leaf], ml_collections.ConfigDict):
+        raise ConfigError(dotted, f"is a section, not a value; set one of its keys: --config.{dotted}.KEY=VALUE "
+                          f"with KEY one of {', '.join(sorted(node[leaf].keys()))}")
     node[leaf] = parse_value(dotted, value, node[leaf])
 
 
@@ -216,9 +236,28 @@ def model_config(cfg: ml_collections.ConfigDict) -> ModelConfig:
 
 
 def check_seq_len(seq_len: int, model: ModelConfig) -> None:
-    """train.seq_len must be positive and, with learned positions, fit the position table."""
+    """train.seq_len must be positive and within the model's context (model.max_seq_len: the learned position
+    table, or the context every other scheme declares)."""
     if seq_len <= 0:
         raise ConfigError("train.seq_len", f"must be a positive integer, got {seq_len}")
-    if model.position == "learned" and seq_len > model.max_seq_len:
-        raise ConfigError("train.seq_len", f"{seq_len} exceeds the learned position table "
-                          f"(model.max_seq_len={model.max_seq_len}); allowed: at most {model.max_seq_len}")
+    if seq_len > model.max_seq_len:
+        what = "the learned position table" if model.position == "learned" else "the model's context"
+        raise ConfigError("train.seq_len", f"{seq_len} exceeds {what} (model.max_seq_len={model.max_seq_len}); "
+                          f"allowed: at most {model.max_seq_len}, or raise model.max_seq_len")
+
+
+def diff(old: dict, new: dict, prefix: str = "") -> list[str]:
+    """'key: old -> new' for every dotted key whose value differs between two config trees (plain dicts)."""
+    out = []
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key, "(absent)"), new.get(key, "(absent)")
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += diff(a, b, f"{prefix}{key}.")
+        elif a != b:
+            out.append(f"{prefix}{key}: {a!r} -> {b!r}")
+    return out
+
+
+def plain(cfg: ml_collections.ConfigDict | dict) -> dict:
+    """A config tree as JSON gives it back (lists, not tuples): what a saved config compares equal to."""
+    return json.loads(json.dumps(cfg.to_dict() if isinstance(cfg, ml_collections.ConfigDict) else cfg))

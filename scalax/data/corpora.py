@@ -30,6 +30,10 @@ from scalax.io import atomic_write_bytes, atomic_write_json
 
 CACHE_VERSION = 1
 SPLITS = ("train", "val")
+# Files that hold no text: read as text they would train silently on bytes of another format.
+BINARY_SUFFIXES = (".bin", ".npy", ".npz", ".parquet", ".arrow", ".gz", ".zst", ".bz2", ".xz", ".zip", ".tar",
+                   ".safetensors", ".pt", ".pkl")
+MAX_UNDECODABLE = 0.01  # share of a corpus's bytes that may be invalid UTF-8 or NUL (the stdlib: 2e-6)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -97,6 +101,11 @@ def fingerprint(corpus: str, text_field: str) -> str:
 def documents(corpus: str, text_field: str = "text") -> Iterator[Document]:
     """The corpus's documents in a fixed order."""
     for doc_id, path in _corpus_files(corpus):
+        if path.lower().endswith(BINARY_SUFFIXES):
+            what = ("a token file (nanoGPT-style .bin files are not read yet)" if path.endswith(".bin") else
+                    "not a text file")
+            raise ConfigError("data.corpus", f"{path} is {what}; allowed: text files, directories or globs of them, "
+                              "and .jsonl")
         if path.endswith(".jsonl"):
             with open(path, "rb") as f:
                 for line_no, line in enumerate(f, 1):
@@ -124,7 +133,24 @@ def split_documents(corpus: str, text_field: str, val_fraction: float) -> dict[s
     splits: dict[str, list[Document]] = {"train": [], "val": []}
     for doc in documents(corpus, text_field):
         splits["val" if is_validation(doc.id, val_fraction) else "train"].append(doc)
+    check_text(corpus, splits["train"] + splits["val"])
     return splits
+
+
+def undecodable_bytes(data: bytes) -> int:
+    """Bytes that are not UTF-8 text: each invalid sequence (one replacement character) and each NUL."""
+    return data.decode("utf-8", errors="replace").count("\ufffd") + data.count(b"\0")
+
+
+def check_text(corpus: str, docs: list[Document]) -> None:
+    """Refuse a corpus more than MAX_UNDECODABLE of whose bytes are not text (a binary file, a token file)."""
+    bad = [(undecodable_bytes(d.data), d.id) for d in docs]
+    total = sum(len(d.data) for d in docs)
+    share = sum(n for n, _ in bad) / max(total, 1)
+    if share > MAX_UNDECODABLE:
+        worst = ", ".join(f"{doc_id} ({n:,} bytes)" for n, doc_id in sorted(bad, reverse=True)[:3] if n)
+        raise ConfigError("data.corpus", f"{corpus} is not text: {share:.1%} of its bytes are invalid UTF-8 or NUL "
+                          f"(most in {worst}); allowed: at most {MAX_UNDECODABLE:.0%}, text files or .jsonl")
 
 
 # ---------------------------------------------------------------------- token caches

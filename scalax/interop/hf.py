@@ -248,8 +248,14 @@ def read_config(path: str) -> dict:
     if not os.path.isfile(config_path):
         raise ConversionError(f"{path}: no config.json (a Hugging Face model directory holds config.json and "
                               "*.safetensors)")
-    with open(config_path) as f:
-        return json.load(f)
+    try:
+        with open(config_path) as f:
+            config = json.load(f)
+    except ValueError as e:
+        raise ConversionError(f"{config_path} is not valid JSON ({e})") from None
+    if not isinstance(config, dict):
+        raise ConversionError(f"{config_path} holds a {type(config).__name__}, not a JSON object")
+    return config
 
 
 def read_tensors(path: str) -> dict[str, np.ndarray]:
@@ -274,7 +280,11 @@ def read_tensors(path: str) -> dict[str, np.ndarray]:
 def load(path: str, scan_layers: bool = True) -> tuple[ModelConfig, dict]:
     """(ModelConfig, parameters as float32 numpy) from a Hugging Face model directory."""
     hf = read_config(path)
-    cfg = config_from_hf(hf, os.path.join(path, "config.json"))
+    try:
+        cfg = config_from_hf(hf, os.path.join(path, "config.json"))
+    except KeyError as e:
+        raise ConversionError(f"{os.path.join(path, 'config.json')} lacks the key {e} that its architecture "
+                              "needs") from None
     if not scan_layers:
         cfg = dataclasses.replace(cfg, scan_layers=False)
     return cfg, params_from_hf(cfg, read_tensors(path), path)

@@ -77,16 +77,20 @@ def generate(cfg: ModelConfig, params, prompts: list[list[int]], max_tokens: int
     """New tokens for each prompt (without the prompt; ending at and including EOS when it is sampled)."""
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ConfigError("--prompt", "every prompt needs at least one token")
-    for name, value, ok, allowed in (("--max_tokens", max_tokens, max_tokens > 0, "a positive integer"),
+    for name, value, ok, allowed in (("--max-tokens", max_tokens, max_tokens > 0, "a positive integer"),
                                      ("--temperature", temperature, temperature >= 0, ">= 0 (0: greedy)"),
-                                     ("--top_k", top_k, top_k >= 0, ">= 0 (0: all tokens)"),
-                                     ("--top_p", top_p, 0 < top_p <= 1, "in (0, 1]")):
+                                     ("--top-k", top_k, top_k >= 0, ">= 0 (0: all tokens)"),
+                                     ("--top-p", top_p, 0 < top_p <= 1, "in (0, 1]")):
         if not ok:
             raise ConfigError(name, f"got {value}; allowed: {allowed}")
     longest = max(len(p) for p in prompts)
-    if longest + max_tokens > cfg.max_seq_len and cfg.position == "learned":
-        raise ConfigError("--max_tokens", f"prompt ({longest}) + max_tokens ({max_tokens}) exceeds the learned "
-                          f"position table ({cfg.max_seq_len})")
+    if longest + max_tokens > cfg.max_seq_len:
+        what = "the learned position table" if cfg.position == "learned" else "the model's context"
+        raise ConfigError("--max-tokens", f"prompt ({longest} tokens) + max_tokens ({max_tokens}) exceeds {what} "
+                          f"(model.max_seq_len={cfg.max_seq_len}); allowed: at most {cfg.max_seq_len - longest}")
+    if eos_id is not None and not 0 <= eos_id < cfg.vocab_size:
+        raise ConfigError("--eos-id", f"{eos_id} is not a token of the model's vocabulary; allowed: 0 to "
+                          f"{cfg.vocab_size - 1}")
     prompt_BxP = np.zeros((len(prompts), longest), np.int32)
     for i, p in enumerate(prompts):
         prompt_BxP[i, : len(p)] = p

@@ -292,7 +292,7 @@ def fit_approach2(runs: Runs) -> dict:
                             "n_star": math.exp(x_star), "r2": r2})
             continue
         n_star = math.exp(x_star)
-        kept.append({"flops": c, "n_star": n_star, "d_star": c / (6 * n_star),
+        kept.append({"flops": c, "n_star": n_star, "d_star": c / (6 * n_star), "points": len(np.unique(x)),
                      "loss_star": float(np.polyval([k2, k1, k0], x_star)), "r2": r2,
                      "coefficients": [float(k2), float(k1), float(k0)]})
     out: dict = {"budgets": kept, "dropped": dropped}

@@ -14,6 +14,15 @@ import matplotlib.ticker
 import numpy as np
 
 from scalax.scaling import fit as fit_lib
+from scalax.scaling.analysis import MIN_PARABOLA_POINTS
+
+# Text stays text in the SVGs (searchable, editable); every fitted line carries an SVG id starting with "fit-".
+matplotlib.rcParams["svg.fonttype"] = "none"
+
+
+def _ok(result: dict, name: str) -> bool:
+    """Draw an approach's fitted lines only when its checks passed (analysis.check); its points always."""
+    return name in result and result[name].get("ok", True)
 
 
 def _legend(ax) -> None:
@@ -41,7 +50,7 @@ def plot_all(result: dict, runs: fit_lib.Runs, directory: str) -> list[str]:
             os.remove(os.path.join(directory, stale))
     paths = [isoflop(result, runs, directory), optimal_vs_compute(result, runs, directory),
              loss_vs_compute(result, runs, directory)]
-    if "approach3" in result and fit_lib.has_frontier(result["approach3"]):
+    if _ok(result, "approach3") and fit_lib.has_frontier(result["approach3"]):
         paths.append(contours(result, runs, directory))
     _to_tensorboard(paths, os.path.join(directory, "tensorboard"))
     return paths
@@ -56,9 +65,9 @@ def isoflop(result: dict, runs: fit_lib.Runs, directory: str) -> str:
         c = runs.flops[g].mean()
         ax.scatter(runs.params[g], runs.loss[g], color=color, label=f"C = {c:.2g}", zorder=3)
         b = fitted.get(round(np.log(c), 6))
-        if b:
+        if b and b.get("points", MIN_PARABOLA_POINTS) >= MIN_PARABOLA_POINTS:
             x = np.linspace(np.log(runs.params[g]).min(), np.log(runs.params[g]).max(), 100)
-            ax.plot(np.exp(x), np.polyval(b["coefficients"], x), color=color, lw=1)
+            ax.plot(np.exp(x), np.polyval(b["coefficients"], x), color=color, lw=1, gid=f"fit-parabola-{c:.3g}")
             ax.scatter([b["n_star"]], [b["loss_star"]], color=color, marker="*", s=160, edgecolor="k", zorder=4)
     ax.set_xscale("log")
     ax.set_xlabel("parameters N")
@@ -91,15 +100,16 @@ def optimal_vs_compute(result: dict, runs: fit_lib.Runs, directory: str) -> str:
             pts = np.asarray([[b["flops"], b[key]] for b in a2["budgets"]])
             ax.scatter(pts[:, 0], pts[:, 1], color="C0", label="approach 2 minima", zorder=3)
             law = a2.get("a" if key == "n_star" else "b")
-            if law:
-                ax.plot(c, law["coefficient"] * c ** law["exponent"], color="C0",
+            if law and _ok(result, "approach2"):
+                ax.plot(c, law["coefficient"] * c ** law["exponent"], color="C0", gid=f"fit-approach2-{key}",
                         label=f"approach 2: {label} ∝ C^{law['exponent']:.3f}")
-        if "approach3" in result and fit_lib.has_frontier(result["approach3"]):
+        if _ok(result, "approach3") and fit_lib.has_frontier(result["approach3"]):
             p = result["approach3"]
             n_opt, d_opt = fit_lib.frontier(p, c)
             y = n_opt if key == "n_star" else d_opt
             exponent = p["a"] if key == "n_star" else p["b"]
-            ax.plot(c, y, color="C3", ls="--", label=f"approach 3: {label} ∝ C^{exponent:.3f}")
+            ax.plot(c, y, color="C3", ls="--", gid=f"fit-approach3-{key}",
+                    label=f"approach 3: {label} ∝ C^{exponent:.3f}")
             _band(ax, c, result["approach3"].get("ci"), key, "C3")
         ax.set_xscale("log")
         ax.set_yscale("log")
@@ -114,11 +124,12 @@ def loss_vs_compute(result: dict, runs: fit_lib.Runs, directory: str) -> str:
     fig, ax = plt.subplots(figsize=(6.4, 4.6))
     sc = ax.scatter(runs.flops, runs.loss, c=np.log10(runs.params), cmap="viridis", zorder=3)
     fig.colorbar(sc, ax=ax, label="log10 N")
-    if "approach3" in result and fit_lib.has_frontier(result["approach3"]):
+    if _ok(result, "approach3") and fit_lib.has_frontier(result["approach3"]):
         p = result["approach3"]
         c = np.geomspace(runs.flops.min() / 2, runs.flops.max() * 4, 100)
         n_opt, d_opt = fit_lib.frontier(p, c)
-        ax.plot(c, fit_lib.law(p, n_opt, d_opt), color="C3", label="fitted compute-optimal frontier")
+        ax.plot(c, fit_lib.law(p, n_opt, d_opt), color="C3", label="fitted compute-optimal frontier",
+                gid="fit-approach3-frontier")
         ax.axhline(p["E"], color="gray", ls=":", label=f"E = {p['E']:.3f}")
     ax.set_xscale("log")
     ax.set_xlabel("compute C (FLOPs)")
@@ -134,11 +145,14 @@ def contours(result: dict, runs: fit_lib.Runs, directory: str) -> str:
     n = np.geomspace(runs.params.min() / 3, runs.params.max() * 3, 200)
     d = np.geomspace(runs.tokens.min() / 3, runs.tokens.max() * 3, 200)
     nn, dd = np.meshgrid(n, d)
-    cs = ax.contour(nn, dd, fit_lib.law(p, nn, dd), levels=12, cmap="magma")
-    ax.clabel(cs, fontsize=7)
+    # Levels over the losses the runs span (the law climbs steeply towards small N and D, where contours of its
+    # whole range would crowd together with their labels piled on each other); every other one labelled.
+    levels = np.linspace(runs.loss.min() * 0.98, runs.loss.max() * 1.02, 10)
+    cs = ax.contour(nn, dd, fit_lib.law(p, nn, dd), levels=levels, cmap="magma")
+    ax.clabel(cs, cs.levels[::2], fontsize=7, fmt="%.3g", inline_spacing=8)
     ax.scatter(runs.params, runs.tokens, c="C0", s=18, zorder=3, label="runs")
     c = np.geomspace(runs.flops.min(), runs.flops.max(), 50)
-    ax.plot(*fit_lib.frontier(p, c), color="C3", label="compute-optimal frontier")
+    ax.plot(*fit_lib.frontier(p, c), color="C3", label="compute-optimal frontier", gid="fit-approach3-contour-frontier")
     ax.set_xscale("log")
     ax.set_yscale("log")
     ax.set_xlabel("parameters N")

@@ -1,9 +1,11 @@
-"""report.md: the fitted laws as tables a researcher reads, with the figures."""
+"""What a fit says, in words: `summary` (the text every command prints) and `render` (report.md, with the figures)."""
 
 from __future__ import annotations
 
 import math
 import os
+
+from scalax.scaling.analysis import APPROACH_NAMES, MIN_PARABOLA_POINTS
 
 
 def _fmt(x) -> str:
@@ -17,6 +19,70 @@ def _ci(approach: dict, key: str) -> str:
     return f"[{_fmt(ci['low'])}, {_fmt(ci['high'])}]" if ci else ""
 
 
+def _r2(law: dict) -> str:
+    return f"R² {law['r2']:.4f}" if law.get("r2") is not None and math.isfinite(law["r2"]) else "R² n/a"
+
+
+def _exponents(approach: dict, n_label: str, d_label: str) -> str:
+    parts = []
+    for key, label in (("a", n_label), ("b", d_label)):
+        law = approach[key]
+        parts.append(f"{label} ∝ C^{law['exponent']:.4f} {_ci(approach, key)} ({_r2(law)})".replace("  ", " "))
+    return "; ".join(parts)
+
+
+def intervals_line(result: dict) -> str:
+    s = result.get("settings", {})
+    if not s.get("bootstrap"):
+        return "no intervals (bootstrap 0)"
+    return f"intervals: {s['level']:.0%} percentile bootstrap over runs, {s['bootstrap']} resamples, seed {s['seed']}"
+
+
+def summary(result: dict) -> str:
+    """Every approach with its intervals, the held-out prediction and the warnings: what `scalax fit` and
+    `scalax sweep` print."""
+    conv = result["conventions"]
+    lines = [f"{result['n_runs']} runs; N = {conv['params']}, C = {conv['flops']} (grouped by "
+             f"{conv.get('grouping', 'C')}); {intervals_line(result)}"]
+    flag = {name: "" if result[name].get("ok", True) else "  [flagged: see the warnings]"
+            for name in APPROACH_NAMES if name in result}
+    if "approach1" in result:
+        a1 = result["approach1"]
+        lines.append(f"{APPROACH_NAMES['approach1']}: {_exponents(a1, 'N_opt', 'D_opt')}{flag['approach1']}")
+    if "approach2" in result:
+        a2 = result["approach2"]
+        used = f"{len(a2['budgets'])} of {len(a2['budgets']) + len(a2['dropped'])} budgets"
+        body = _exponents(a2, "N*", "D*") if "a" in a2 else "no exponent"
+        lines.append(f"{APPROACH_NAMES['approach2']}, {used}: {body}{flag['approach2']}")
+    if "approach3" in result:
+        p = result["approach3"]
+        lines.append(f"{APPROACH_NAMES['approach3']}: L(N, D) = {_fmt(p['E'])} + {_fmt(p['A'])}/N^{_fmt(p['alpha'])} "
+                     f"+ {_fmt(p['B'])}/D^{_fmt(p['beta'])}{flag['approach3']}")
+        lines.append("  " + "; ".join(f"{k} {_fmt(p[k])} {_ci(p, k)}".rstrip()
+                                      for k in ("E", "A", "B", "alpha", "beta")))
+        lines.append(f"  N_opt ∝ C^{_fmt(p['a'])} {_ci(p, 'a')}; D_opt ∝ C^{_fmt(p['b'])} {_ci(p, 'b')}".replace(
+            "  ;", ";"))
+    if "kaplan" in result:
+        k = result["kaplan"]
+        parts = []
+        if "L_N" in k:
+            parts.append(f"L(N) = (N_c/N)^alpha_N: alpha_N {_fmt(k['L_N']['alpha_N'])}, N_c {_fmt(k['L_N']['N_c'])} "
+                         f"({_r2(k['L_N'])})")
+        if "L_C" in k:
+            parts.append(f"L(C) = (C_c/C)^alpha_C: alpha_C {_fmt(k['L_C']['alpha_C'])}, C_c {_fmt(k['L_C']['C_c'])} "
+                         f"({_r2(k['L_C'])})")
+        lines.append(f"{APPROACH_NAMES['kaplan']}: {'; '.join(parts) or 'too few sizes and budgets'}{flag['kaplan']}")
+    pred = result.get("prediction")
+    if pred and isinstance(pred.get("error"), str):
+        lines.append(f"prediction at the largest budget: not made: {pred['error']}")
+    elif pred:
+        lines.append(f"prediction at the largest budget: approach 3 fitted on the {pred['fitted_on_budgets']} smaller "
+                     f"budgets predicts {pred['predicted_best_loss']:.4f} at C = {_fmt(pred['flops'])}; the best run "
+                     f"there reached {pred['observed_best_loss']:.4f} ({pred['relative_error']:+.2%})")
+    lines += [f"warning: {w}" for w in result.get("warnings", [])]
+    return "\n".join(lines)
+
+
 def render(result: dict, records: list[dict], plot_paths: list[str], workdir: str) -> str:
     conv = result["conventions"]
     lines = ["# Sweep report", "",
@@ -27,13 +93,15 @@ def render(result: dict, records: list[dict], plot_paths: list[str], workdir: st
     if failed:
         lines += ["Not finished: " + ", ".join(f"{r['name']} ({r.get('status')}: {r.get('error')})" for r in failed),
                   ""]
+    if result.get("warnings"):
+        lines += ["## Warnings", "", "These approaches are flagged: read their numbers as diagnostics, not results; "
+                  "the figures draw no fitted line for them.", ""]
+        lines += [f"- {w}" for w in result["warnings"]]
+        lines.append("")
+    lines += ["## Summary", "", "```", summary(result), "```", ""]
     if "approach3" in result:
         p = result["approach3"]
         lines += ["## Approach 3: L(N, D) = E + A/N^alpha + B/D^beta", ""]
-        if p["alpha"] <= 0 or p["beta"] <= 0:
-            lines += ["**Warning:** a non-positive exponent: the loss does not fall with that scale over these runs "
-                      "(every budget's minimum at an edge of its sizes?), so there is no compute-optimal frontier. "
-                      "Widen the sizes or raise the budgets.", ""]
         lines += ["| parameter | value | interval |", "|---|---|---|"]
         lines += [f"| {k} | {_fmt(p[k])} | {_ci(p, k)} |" for k in ("E", "A", "B", "alpha", "beta", "a", "b")]
         lines.append("")
@@ -42,7 +110,8 @@ def render(result: dict, records: list[dict], plot_paths: list[str], workdir: st
         lines += ["## Approach 2: IsoFLOP parabolas", "", "| budget C | N* | D* | loss at N* | R² of the parabola |",
                   "|---|---|---|---|---|"]
         lines += [f"| {_fmt(b['flops'])} | {_fmt(b['n_star'])} | {_fmt(b['d_star'])} | {_fmt(b['loss_star'])} | "
-                  f"{b['r2']:.4f} |" for b in a2["budgets"]]
+                  + (f"{b['r2']:.4f} |" if b.get("points", MIN_PARABOLA_POINTS) >= MIN_PARABOLA_POINTS else
+                     f"n/a ({b['points']} sizes) |") for b in a2["budgets"]]
         for d in a2["dropped"]:
             lines.append(f"| {_fmt(d['flops'])} | dropped: {d['reason']} | | | {_fmt(d.get('r2'))} |")
         if "a" in a2:

@@ -26,8 +26,10 @@ import time
 
 from ml_collections import ConfigDict
 
+from scalax import config as config_lib
+from scalax.errors import ConfigError
 from scalax.io import atomic_write_json, atomic_write_text
-from scalax.scaling import fit as fit_lib
+from scalax.scaling import analysis
 from scalax.scaling import sweep as sweep_lib
 
 FINISHED, FAILED, DIVERGED, PENDING, RUNNING, SKIPPED = ("finished", "failed", "diverged", "pending", "running",
@@ -48,22 +50,47 @@ class Ledger:
         self.records: dict[str, dict] = {}
         if os.path.exists(self.path):
             with open(self.path) as f:
-                for line in f:
+                for line_no, line in enumerate(f, 1):
                     if line.strip():
-                        record = json.loads(line)
-                        self.records[record["name"]] = record
+                        try:
+                            record = json.loads(line)
+                            self.records[record["name"]] = record
+                        except (ValueError, KeyError, TypeError):
+                            raise ConfigError("runs.jsonl", f"{self.path}:{line_no} is not a run record (a JSON "
+                                              "object with a name); the ledger was edited or damaged") from None
+
+    def _write(self) -> None:
+        atomic_write_text(self.path, "".join(json.dumps(r) + "\n" for r in self.records.values()))
 
     def update(self, run_name: str, **fields) -> None:
         self.records.setdefault(run_name, {"name": run_name}).update(fields)
-        atomic_write_text(self.path, "".join(json.dumps(r) + "\n" for r in self.records.values()))
+        self._write()
+
+    def remove(self, run_name: str) -> None:
+        self.records.pop(run_name, None)
+        self._write()
+
+    def unfinished(self) -> list[dict]:
+        """Records that did not finish and were not skipped on purpose: failed, diverged, stopped, pending."""
+        return [r for r in self.records.values() if r.get("status") not in (FINISHED, SKIPPED)]
 
 
-def run_sweep(cfg: ConfigDict, workdir: str, parallel: int = 1, log=print) -> dict:
-    """Train every run of the sweep that has not finished, then fit and plot; returns the fit."""
+def check_sweep_config(cfg: ConfigDict, key: str = "--config") -> None:
+    if "sweep" not in cfg or "base" not in cfg:
+        raise ConfigError(key, "not a sweep config (it has no `sweep` and `base` sections; a training config?); "
+                          "allowed: a sweep config such as configs/sweeps/quickstart.py")
+
+
+def run_sweep(cfg: ConfigDict, workdir: str, parallel: int = 1, log=print, force: bool = False) -> dict:
+    """Train every run of the sweep that has not finished, then fit and plot; returns the fit. A workdir that
+    holds a sweep of another config is refused, naming what changed, unless `force`: then the runs whose
+    config changed (or that left the grid) are moved to DIR/replaced/ and trained again."""
+    check_sweep_config(cfg)
     planned = sweep_lib.plan(cfg)
     os.makedirs(os.path.join(workdir, "runs"), exist_ok=True)
-    atomic_write_json(os.path.join(workdir, "sweep.json"), cfg.to_dict())
     ledger = Ledger(workdir)
+    _replace_changed_runs(cfg, planned, workdir, ledger, force, log)
+    atomic_write_json(os.path.join(workdir, "sweep.json"), cfg.to_dict())
     for run in planned:  # the plan is recorded before anything runs; finished records keep their results
         if ledger.records.get(run.name, {}).get("status") != FINISHED:
             ledger.update(run.name, **run.record(), status=PENDING)
@@ -109,6 +136,45 @@ def run_sweep(cfg: ConfigDict, workdir: str, parallel: int = 1, log=print) -> di
         for proc, _, _ in active.values():
             proc.wait()
     return finish(workdir, cfg, log)
+
+
+def _replace_changed_runs(cfg: ConfigDict, planned: list, workdir: str, ledger: Ledger, force: bool, log) -> None:
+    """Compare the planned grid with the one in the workdir: runs added, removed, or whose config changed."""
+    path = os.path.join(workdir, "sweep.json")
+    if not os.path.exists(path):
+        return
+    with open(path) as f:
+        changed = config_lib.diff(json.load(f), config_lib.plain(cfg))
+    if not changed:
+        return
+    wanted = {run.name: config_lib.plain(sweep_lib.run_config(cfg, run)) for run in planned}
+    stale = []  # recorded runs that are not in the new grid, or whose run config differs
+    for name in ledger.records:
+        config_path = os.path.join(workdir, "runs", name, "run_config.json")
+        if name not in wanted:
+            stale.append(name)
+        elif os.path.exists(config_path):
+            with open(config_path) as f:
+                if json.load(f) != wanted[name]:
+                    stale.append(name)
+    added = [name for name in wanted if name not in ledger.records]
+    what = "; ".join(changed[:4]) + ("; ..." if len(changed) > 4 else "")
+    if not stale and not added:
+        log(f"sweep: the config changed ({what}); the grid of runs is the same")
+        return
+    if not force:
+        raise ConfigError(changed[0].split(":")[0], f"{workdir} holds a sweep with another grid ({what}: "
+                          f"{len(added)} run(s) added, {len(stale)} removed or changed). Use another --workdir, or "
+                          "--force to move the runs that changed to DIR/replaced/ and train the new grid there")
+    aside = os.path.join(workdir, "replaced", time.strftime("%Y%m%d-%H%M%S"))
+    for name in stale:
+        run_dir = os.path.join(workdir, "runs", name)
+        if os.path.isdir(run_dir):
+            os.makedirs(aside, exist_ok=True)
+            os.replace(run_dir, os.path.join(aside, name))
+        ledger.remove(name)
+    log(f"sweep: the grid changed ({what}); --force: {len(stale)} run(s) removed or changed (moved to {aside}), "
+        f"{len(added)} added")
 
 
 def _start(cfg: ConfigDict, run, workdir: str) -> tuple[subprocess.Popen, float]:
@@ -185,27 +251,24 @@ def _result(workdir: str, name: str, returncode: int, seconds: float) -> dict:
 
 
 def finish(workdir: str, cfg: ConfigDict, log=print) -> dict:
-    """Fit the finished runs and write fit.json, report.md and plots/."""
+    """Fit the finished runs (analysis.analyse, as `scalax fit DIR` does) and write fit.json, fit_runs.csv (the
+    points fitted: `scalax fit --csv` of it gives the same fit), report.md and plots/."""
     from scalax.scaling import plots, report
 
-    ledger = Ledger(workdir)
-    records = list(ledger.records.values())
-    params_key, flops_key = f"params_{cfg.sweep.params}", f"flops_{cfg.sweep.flops}"
-    # The runs of one IsoFLOP budget share its nominal C (their actual C differs by step rounding, under 2%),
-    # so that approach 2 groups them as planned.
-    runs_for_fit = fit_lib.runs_from_records(records, params_key,
-                                             "budget" if cfg.sweep.kind == "isoflop" else flops_key)
+    records = list(Ledger(workdir).records.values())
+    sweep = cfg.sweep.to_dict()
+    runs_for_fit = analysis.runs_of_ledger(records, sweep)
     if len(runs_for_fit) < 5:
         log(f"sweep: only {len(runs_for_fit)} finished runs; not fitting")
         return {}
-    result = fit_lib.fit(runs_for_fit, "all", bootstrap=cfg.sweep.bootstrap, seed=cfg.sweep.seed)
-    result["prediction"] = fit_lib.predict_largest_budget(runs_for_fit)
-    result["conventions"] = {"params": params_key, "flops": flops_key, "loss": "eval nats/token"}
-    result["n_runs"] = len(runs_for_fit)
+    result = analysis.analyse(runs_for_fit, bootstrap=sweep["bootstrap"], seed=sweep["seed"],
+                              conventions_used=analysis.conventions(sweep))
     atomic_write_json(os.path.join(workdir, "fit.json"), jsonable(result))
+    analysis.write_csv(os.path.join(workdir, "fit_runs.csv"), runs_for_fit, analysis.finished_names(records))
     paths = plots.plot_all(result, runs_for_fit, os.path.join(workdir, "plots"))
     atomic_write_text(os.path.join(workdir, "report.md"), report.render(result, records, paths, workdir))
-    log(f"sweep: fitted {len(runs_for_fit)} runs; wrote {workdir}/fit.json, report.md and plots/")
+    log(report.summary(jsonable(result)))
+    log(f"sweep: fitted {len(runs_for_fit)} runs; wrote {workdir}/fit.json, fit_runs.csv, report.md and plots/")
     return result
 
 

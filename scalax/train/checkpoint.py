@@ -8,6 +8,8 @@ about each one it must skip.
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
 import shutil
 import sys
@@ -43,12 +45,13 @@ class Checkpointer:
         warn = warn or (lambda msg: print(msg, file=sys.stderr))
         for step in reversed(self.steps()):
             try:
-                restored = self.manager.restore(step, args=ocp.args.Composite(
-                    state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore(),
-                    meta=ocp.args.JsonRestore()))
+                with quiet_orbax():
+                    restored = self.manager.restore(step, args=ocp.args.Composite(
+                        state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore(),
+                        meta=ocp.args.JsonRestore()))
                 return step, restored.state, restored.data, restored.meta
             except Exception as e:  # orbax raises many types for a damaged step; any of them means "skip it"
-                reason = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
+                reason = _first_line(e)
                 aside = self._set_aside(step)
                 warn(f"warning: checkpoint step {step} is unreadable ({reason}); moved it to {aside} and "
                      "trying the one before")
@@ -75,47 +78,88 @@ class Checkpointer:
 PARAMS_DIR = "params"
 
 
-def save_params(directory: str, config: dict, params) -> None:
+def save_params(directory: str, config: dict, params, overwrite: bool = False) -> None:
     """A converted checkpoint: `directory/config.json` (a scalax config) and `directory/params` (orbax)."""
     from scalax.io import atomic_write_json
 
     directory = os.path.abspath(directory)
     target = os.path.join(directory, PARAMS_DIR)
-    if os.path.exists(target):
+    if os.path.exists(target) and not overwrite:
         raise CheckpointError(f"{directory} already holds a checkpoint ({PARAMS_DIR}/); choose another --to")
     os.makedirs(directory, exist_ok=True)
     with ocp.StandardCheckpointer() as checkpointer:
-        checkpointer.save(target, params)
+        checkpointer.save(target, params, force=overwrite)
     atomic_write_json(os.path.join(directory, "config.json"), config)
 
 
-def load_params(directory: str) -> tuple[dict, Any, str]:
+def load_params(directory: str, warn=None) -> tuple[dict, Any, str]:
     """(config, parameters, where they came from) of a converted checkpoint or of a training workdir's latest
-    readable step."""
+    readable step. A damaged step is reported through `warn`, one line, and the one before is read (nothing is
+    moved: reading a workdir never changes it)."""
     import json
 
+    warn = warn or (lambda msg: print(msg, file=sys.stderr))
     directory = os.path.abspath(directory)
     config_path = os.path.join(directory, "config.json")
     if not os.path.isfile(config_path):
         raise CheckpointError(f"{directory}: no config.json; expected a training workdir (scalax train) or a "
                               "converted checkpoint (scalax convert)")
-    with open(config_path) as f:
-        config = json.load(f)
+    try:
+        with open(config_path) as f:
+            config = json.load(f)
+    except ValueError as e:
+        raise CheckpointError(f"{config_path} is not valid JSON ({e})") from None
     if os.path.isdir(os.path.join(directory, PARAMS_DIR)):
-        with ocp.StandardCheckpointer() as checkpointer:
-            return config, checkpointer.restore(os.path.join(directory, PARAMS_DIR)), f"{directory}/{PARAMS_DIR}"
+        try:
+            with quiet_orbax(), ocp.StandardCheckpointer() as checkpointer:
+                params = checkpointer.restore(os.path.join(directory, PARAMS_DIR))
+        except Exception as e:
+            raise CheckpointError(f"{directory}/{PARAMS_DIR} is unreadable ({_first_line(e)})") from e
+        return config, params, f"{directory}/{PARAMS_DIR}"
     if os.path.isdir(os.path.join(directory, "checkpoints")):
         manager = Checkpointer(directory, keep=1_000_000, async_save=False)
         try:
             for step in reversed(manager.steps()):
                 try:
-                    restored = manager.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
-                except Exception:  # a damaged step: try the one before, as training does
+                    with quiet_orbax():
+                        restored = manager.manager.restore(step, args=ocp.args.Composite(
+                            state=ocp.args.StandardRestore()))
+                except Exception as e:  # a damaged step: try the one before, as training does
+                    warn(f"warning: checkpoint step {step} in {manager.directory} is unreadable ({_first_line(e)}); "
+                         "reading the one before")
                     continue
                 return config, restored.state["params"], f"{directory} step {step}"
         finally:
             manager.manager.close()
     raise CheckpointError(f"{directory}: no readable checkpoint (neither {PARAMS_DIR}/ nor checkpoints/)")
+
+
+def _first_line(e: BaseException) -> str:
+    return str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+
+
+def _drop_closed_loop_noise(unraisable) -> None:
+    """After a failed restore, tensorstore's pending reads call back into orbax's closed event loop, once per
+    array, each printing a traceback ('Event loop is closed'); the failure itself is reported in one line."""
+    if isinstance(unraisable.exc_value, RuntimeError) and "Event loop is closed" in str(unraisable.exc_value):
+        return
+    sys.__unraisablehook__(unraisable)
+
+
+@contextlib.contextmanager
+def quiet_orbax():
+    """Silence orbax's and absl's logging of a failed restore, and the callbacks of its abandoned reads that
+    arrive later: the caller reports the failure in one line."""
+    sys.unraisablehook = _drop_closed_loop_noise  # stays: the callbacks arrive after the restore returns
+    loggers = [logging.getLogger(name) for name in ("absl", "orbax", "asyncio", "jax")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        for lg, level in zip(loggers, levels, strict=True):
+            lg.setLevel(level)
 
 
 class CheckpointError(ScalaxError):

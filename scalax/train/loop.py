@@ -23,7 +23,7 @@ from ml_collections import ConfigDict
 from scalax import config as config_lib
 from scalax.data import corpora, pipeline
 from scalax.errors import ConfigError, ScalaxError
-from scalax.io import atomic_write_json
+from scalax.io import atomic_write_json, check_output_dir
 from scalax.models import Decoder
 from scalax.parallel import mesh as mesh_lib
 from scalax.scaling import flops
@@ -94,6 +94,40 @@ def resolved_config(cfg: ConfigDict) -> dict:
     return out
 
 
+# Keys that decide which batches a run sees: a resume may never change them.
+DATA_ORDER_KEYS = ("batch_size", "seq_len", "seed")
+
+
+def check_same_run(saved: dict, current: dict, workdir: str, step: int, allow_changes: bool, log) -> None:
+    """Refuse a resume that would silently train another run than the checkpoint's: a new length (train.steps,
+    train.tokens) or optimizer (optim.*: the schedule is rebuilt from them) unless `allow_changes`; a new batch,
+    sequence length or seed (the data order) always."""
+    for key in DATA_ORDER_KEYS:
+        if saved["train"].get(key) != current["train"].get(key):
+            raise ConfigError(f"train.{key}", f"{workdir} holds a checkpoint trained with train.{key}="
+                              f"{saved['train'].get(key)!r}, not {current['train'].get(key)!r}; the data order "
+                              "depends on it. Use another --workdir, or the checkpoint's value")
+    old_steps, new_steps = total_steps(ConfigDict(saved["train"])), total_steps(ConfigDict(current["train"]))
+    changed = [f"train.{k} ({saved['train'].get(k)!r} in the checkpoint, {current['train'].get(k)!r} now)"
+               for k in ("steps", "tokens") if saved["train"].get(k) != current["train"].get(k)]
+    if old_steps == new_steps:
+        changed = []  # e.g. train.tokens given instead of the same number of steps
+    changed += [f"optim.{k} ({saved['optim'].get(k)!r} in the checkpoint, {current['optim'].get(k)!r} now)"
+                for k in sorted(set(saved["optim"]) | set(current["optim"]))
+                if saved["optim"].get(k) != current["optim"].get(k)]
+    if not changed:
+        return
+    if not allow_changes:
+        raise ConfigError(changed[0].split(" ")[0], f"{workdir} holds a checkpoint of a run with another length or "
+                          f"optimizer: {'; '.join(changed)}. The learning-rate schedule would change mid-run. Use "
+                          "another --workdir, the checkpoint's values, or --allow-changes to go on with the new ones")
+    old_lr = float(optim.schedule(ConfigDict(saved["optim"]), old_steps)(step))  # the update of step + 1
+    new_lr = float(optim.schedule(ConfigDict(current["optim"]), new_steps)(step))
+    log(f"--allow-changes: {'; '.join(changed)}. After step {step} the run follows the new values: its "
+        f"{current['optim']['schedule']} schedule is that of a {new_steps}-step run (the checkpoint's: {old_steps} "
+        f"steps); lr of step {step + 1}: {new_lr:.4g} (it would have been {old_lr:.4g})")
+
+
 def check_compatible(saved: dict, current: dict, workdir: str) -> None:
     """Refuse to resume a checkpoint of another model or tokenizer, naming the keys that differ."""
     keys = sorted(k for k in set(saved["model"]) | set(current["model"])
@@ -114,9 +148,11 @@ def _log(msg: str) -> None:
         print(msg, flush=True)
 
 
-def train(cfg: ConfigDict, workdir: str, log=_log) -> dict:
-    """Train (or resume) the run that `cfg` describes in `workdir`; returns a summary of its end."""
+def train(cfg: ConfigDict, workdir: str, log=_log, allow_changes: bool = False) -> dict:
+    """Train (or resume) the run that `cfg` describes in `workdir`; returns a summary of its end. A resume
+    with another length or optimizer is refused unless `allow_changes` (see check_same_run)."""
     validate(cfg)
+    check_output_dir(workdir, "--workdir")
     model_cfg = config_lib.model_config(cfg)
     t = cfg.train
     steps = total_steps(t)
@@ -144,6 +180,7 @@ def train(cfg: ConfigDict, workdir: str, log=_log) -> dict:
         except Exception:  # unreadable: restore_latest reports it and falls back
             continue
         check_compatible(saved, resolved, workdir)
+        check_same_run(saved, resolved, workdir, step, allow_changes, log)
         break
     prog = program.build(model, tx, schedule, layout, t.seed, t.seq_len, t.microbatches, t.z_loss)
     # Restoring onto this mesh: the target carries the new shardings, whatever mesh wrote the checkpoint.
@@ -202,6 +239,7 @@ def train(cfg: ConfigDict, workdir: str, log=_log) -> dict:
     last_saved = start if restored else None
     clock = {"time": time.perf_counter(), "tokens": counters.tokens}
     progress = ProgressBar(steps, start, writer)
+    log = progress.wrap(log)  # eval lines on their own line, the bar redrawn below them
 
     def flush_metrics() -> dict | None:
         """Fetch pending metrics (one host sync), stop on a non-finite loss, write the logged steps."""
@@ -289,6 +327,17 @@ class ProgressBar:
         if self.bar is not None:
             self.bar.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{record['tokens_per_s']:,.0f}",
                                  mfu=f"{record['mfu']:.1%}", refresh=False)
+
+    def wrap(self, log):
+        """`log` that clears the bar first and redraws it after, so a message never shares the bar's line."""
+        if self.bar is None:
+            return log
+
+        def write(msg: str) -> None:
+            with self.bar.external_write_mode():
+                log(msg)
+
+        return write
 
     def advance(self) -> None:
         if self.bar is not None:

@@ -49,17 +49,36 @@ def peak_flops_per_device(compute_dtype: str) -> tuple[float, str]:
     return measure_matmul_flops(jnp.dtype(compute_dtype)), f"measured {compute_dtype} matmul on {kind}"
 
 
+class ScalarWriter:
+    """TensorBoard scalars as classic scalar summaries (`simple_value`), which every reader finds: TensorBoard,
+    `EventAccumulator.Scalars`, tbparse. (tensorboard.summary.Writer writes tensor summaries, which
+    `EventAccumulator.Scalars` does not list.) Written with tensorboard's own protos: no TensorFlow."""
+
+    def __init__(self, logdir: str):
+        from tensorboard.summary.writer.event_file_writer import EventFileWriter
+
+        self._writer = EventFileWriter(logdir)
+
+    def add_scalar(self, tag: str, value: float, step: int) -> None:
+        from tensorboard.compat.proto import event_pb2, summary_pb2
+
+        summary = summary_pb2.Summary(value=[summary_pb2.Summary.Value(tag=tag, simple_value=value)])
+        self._writer.add_event(event_pb2.Event(wall_time=time.time(), step=step, summary=summary))
+
+    def flush(self) -> None:
+        self._writer.flush()
+
+    def close(self) -> None:
+        self._writer.close()
+
+
 class MetricsLog:
     """Appends records to `workdir/metrics.jsonl` and TensorBoard scalars to `workdir/tensorboard`."""
 
     def __init__(self, workdir: str, enabled: bool = True):
         self.enabled = enabled
         self.path = os.path.join(workdir, "metrics.jsonl")
-        self._tb = None
-        if enabled:
-            from tensorboard.summary import Writer
-
-            self._tb = Writer(os.path.join(workdir, "tensorboard"))
+        self._tb = ScalarWriter(os.path.join(workdir, "tensorboard")) if enabled else None
 
     def truncate_after(self, step: int) -> None:
         """On resume: drop records of steps after the restored checkpoint, so each step appears once."""

@@ -74,5 +74,5 @@ def test_bad_arguments():
     params = init_params(cfg)
     with pytest.raises(ConfigError, match="learned position table"):
         generate(cfg, params, [[1] * 30], max_tokens=10)
-    with pytest.raises(ConfigError, match="--top_p"):
+    with pytest.raises(ConfigError, match="--top-p"):
         generate(cfg, params, [[1]], max_tokens=2, temperature=1.0, top_p=0.0)

@@ -1,0 +1,219 @@
+"""The analysis of a set of runs as every command reports it: `scalax sweep`, `scalax fit DIR`, `scalax fit --csv`
+and `scalax plot` all call `analyse`, so the same runs give the same numbers whichever command asks.
+
+Which compute C a run has: in an IsoFLOP sweep, its nominal budget. The runs of one budget differ in their
+realised FLOPs by the rounding of their step counts (under 2%), and approach 2 must group them as they were
+planned; grouped by realised FLOPs, runs of one budget fall apart and the parabolas are fitted to the wrong
+points. The realised FLOPs stay in the ledger (`flops_<convention>`). Other sweep kinds, and a CSV without a
+`flops` column, use the realised C (a CSV's `flops` column, or 6·N·D).
+
+A fit that is not one says so: `check` puts a list of `warnings` on every approach whose numbers should not be
+read as a result (a minimum at the edge of the sizes sampled, an exponent outside its plausible range, a point
+estimate at or outside its own bootstrap interval, too few points for R² to mean anything), and sets `ok`
+False there; the plots draw no fitted line for such an approach.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import numpy as np
+
+from scalax.errors import ConfigError
+from scalax.scaling import fit as fit_lib
+
+APPROACH_NAMES = {"approach1": "approach 1 (envelope)", "approach2": "approach 2 (IsoFLOP parabolas)",
+                  "approach3": "approach 3 (parametric law)", "kaplan": "Kaplan power laws"}
+EXPONENT_RANGE = (0.0, 1.0)  # N_opt ∝ C^a, D_opt ∝ C^b: both grow with compute, a + b = 1 under C = 6 N D
+LAW_EXPONENT_RANGE = (0.0, 2.0)  # alpha, beta of L(N, D): Hoffmann et al.'s starting grid spans [0, 2]
+FRONTIER_GAP = 0.03  # the law's best loss at a budget may sit at most 3% below the best run there
+MIN_PARABOLA_POINTS = 4  # a parabola (3 coefficients) through 3 points fits exactly: R² = 1 says nothing
+CSV_COLUMNS = ("name", "params", "tokens", "loss", "flops")
+
+
+def runs_of_ledger(records: Sequence[dict], sweep: dict) -> fit_lib.Runs:
+    """The finished runs of a sweep ledger as the fit sees them: N under `sweep.params`, C the nominal budget
+    for an IsoFLOP sweep and the realised FLOPs under `sweep.flops` otherwise."""
+    params_key, flops_key = conventions(sweep)["params"], conventions(sweep)["flops"]
+    return fit_lib.runs_from_records(records, params_key, "budget" if sweep.get("kind") == "isoflop" else flops_key)
+
+
+def conventions(sweep: dict) -> dict:
+    return {"params": f"params_{sweep.get('params', 'non_embedding')}", "flops": f"flops_{sweep.get('flops', '6n')}",
+            "loss": "eval nats/token", "grouping": "nominal budget" if sweep.get("kind") == "isoflop" else
+            "realised FLOPs"}
+
+
+def finished_names(records: Sequence[dict]) -> list[str]:
+    """Names of the runs `runs_from_records` keeps, in its order (the CSV export's `name` column)."""
+    return [r["name"] for r in records if r.get("status") == "finished"
+            and math.isfinite(r.get("eval_loss", math.nan))]
+
+
+def write_csv(path: str, runs: fit_lib.Runs, names: Sequence[str]) -> None:
+    """The points a fit used, one per line, exactly (repr floats): `scalax fit --csv` of it gives the same fit."""
+    from scalax.io import atomic_write_text
+
+    lines = [",".join(CSV_COLUMNS)]
+    lines += [f"{name},{float(n)!r},{float(d)!r},{float(loss)!r},{float(c)!r}" for name, n, d, loss, c in
+              zip(names, runs.params, runs.tokens, runs.loss, runs.flops, strict=True)]
+    atomic_write_text(path, "\n".join(lines) + "\n")
+
+
+def analyse(runs: fit_lib.Runs, approach: str = "all", bootstrap: int = 0, level: float = 0.8, seed: int = 0,
+            conventions_used: dict | None = None, drop_highest: int = 0) -> dict:
+    """Fit every requested approach (with bootstrap intervals), predict the largest budget from the others,
+    and check each approach; the dict `fit.json` holds."""
+    if bootstrap < 0:
+        raise ConfigError("--bootstrap", f"must be >= 0 (0: no intervals), got {bootstrap}")
+    if not 0 < level < 1:
+        raise ConfigError("--level", f"must be in (0, 1), e.g. 0.8 for 80% intervals, got {level}")
+    if not 0 <= drop_highest < max(len(runs) - 4, 1):
+        raise ConfigError("--drop-highest", f"got {drop_highest}; allowed: 0 to {max(len(runs) - 5, 0)} "
+                          f"(the fit needs 5 of the {len(runs)} runs)")
+    runs = fit_lib.drop_outliers(runs, drop_highest)
+    if len(np.unique(runs.params)) < 2:
+        raise ConfigError("runs", f"all {len(runs)} runs have the same size N = {runs.params[0]:.6g}; a scaling law "
+                          "needs runs of at least two sizes")
+    result = fit_lib.fit(runs, approach, bootstrap=bootstrap, level=level, seed=seed)
+    if approach == "all":
+        result["prediction"] = fit_lib.predict_largest_budget(runs)
+    result["conventions"] = conventions_used or {"params": "params", "flops": "flops", "loss": "loss",
+                                                 "grouping": "the flops column"}
+    result["n_runs"] = len(runs)
+    result["settings"] = {"approach": approach, "bootstrap": bootstrap, "level": level, "seed": seed,
+                          "drop_highest": drop_highest}
+    check(result, runs)
+    return result
+
+
+# ---------------------------------------------------------------------- checks
+def check(result: dict, runs: fit_lib.Runs) -> None:
+    """Put `warnings` (a list of sentences) and `ok` on every approach of `result`, and all warnings, prefixed
+    with the approach, in `result["warnings"]`."""
+    groups = fit_lib.budgets(runs)
+    found = {"approach1": _check_approach1, "approach2": _check_approach2, "approach3": _check_approach3,
+             "kaplan": _check_kaplan}
+    everything = []
+    for name, checker in found.items():
+        if name not in result:
+            continue
+        warnings = checker(result[name], runs, groups)
+        warnings += _check_intervals(result[name], name)
+        result[name]["warnings"] = warnings
+        result[name]["ok"] = not warnings
+        everything += [f"{APPROACH_NAMES[name]}: {w}" for w in warnings]
+    result["warnings"] = everything
+
+
+def _edge(runs: fit_lib.Runs, g: np.ndarray, n: float) -> str | None:
+    """'smallest' / 'largest' when size n is at that edge of budget group g's sizes (or beyond it)."""
+    lo, hi = runs.params[g].min(), runs.params[g].max()
+    if n <= lo * (1 + 1e-9):
+        return "smallest"
+    if n >= hi * (1 - 1e-9):
+        return "largest"
+    return None
+
+
+def _exponent_warnings(law: dict | None, what: str, points: int) -> list[str]:
+    if not law:
+        return []
+    out = []
+    lo, hi = EXPONENT_RANGE
+    if not lo < law["exponent"] < hi:
+        out.append(f"{what} ∝ C^{law['exponent']:.3f}: outside ({lo:g}, {hi:g}), where both N and D grow with "
+                   "compute")
+    if points < 3:
+        out.append(f"{what}'s exponent is a line through {points} points: its R² and interval say nothing")
+    return out
+
+
+def _check_approach1(a1: dict, runs: fit_lib.Runs, groups: list[np.ndarray]) -> list[str]:
+    out = []
+    for g in groups:
+        best = g[np.argmin(runs.loss[g])]
+        edge = _edge(runs, g, runs.params[best])
+        if edge and len(np.unique(runs.params[g])) > 1:
+            out.append(f"the best run of C = {runs.flops[g].mean():.3g} is the {edge} size sampled there: the "
+                       "optimum lies outside the grid")
+    out += _exponent_warnings(a1.get("a"), "N_opt", len(groups))
+    return out
+
+
+def _check_approach2(a2: dict, runs: fit_lib.Runs, groups: list[np.ndarray]) -> list[str]:
+    out = [f"C = {d['flops']:.3g} dropped: {d['reason']}" for d in a2.get("dropped", [])]
+    for b in a2.get("budgets", []):
+        if b.get("points", MIN_PARABOLA_POINTS) < MIN_PARABOLA_POINTS:
+            out.append(f"C = {b['flops']:.3g}: a parabola through {b['points']} sizes fits them exactly; its R² "
+                       f"says nothing (at least {MIN_PARABOLA_POINTS} sizes per budget)")
+    if len(a2.get("budgets", [])) < 2:
+        out.append(f"{len(a2.get('budgets', []))} budget(s) with an interior minimum: no exponent")
+    out += _exponent_warnings(a2.get("a"), "N*", len(a2.get("budgets", [])))
+    return out
+
+
+def _check_approach3(p: dict, runs: fit_lib.Runs, groups: list[np.ndarray]) -> list[str]:
+    out = []
+    lo, hi = LAW_EXPONENT_RANGE
+    for key in ("alpha", "beta"):
+        if not lo < p[key] < hi:
+            out.append(f"{key} = {p[key]:.4g}: outside ({lo:g}, {hi:g}); the fit ran off")
+    if p["E"] > runs.loss.min():
+        out.append(f"E = {p['E']:.4g} is above the lowest loss measured ({runs.loss.min():.4g}): an irreducible loss "
+                   "cannot exceed a measured one")
+    if out or not fit_lib.has_frontier(p):
+        return out or ["no compute-optimal frontier (a non-positive exponent or coefficient)"]
+    for g in groups:
+        c = float(runs.flops[g].mean())
+        n_opt, d_opt = fit_lib.frontier(p, c)
+        edge = _edge(runs, g, float(n_opt))
+        if edge and len(np.unique(runs.params[g])) > 1:
+            out.append(f"the law's optimum at C = {c:.3g} (N = {float(n_opt):.3g}) lies at or beyond the {edge} size "
+                       "sampled there: extrapolated, not measured")
+        best, frontier_loss = float(runs.loss[g].min()), float(fit_lib.law(p, n_opt, d_opt))
+        if (best - frontier_loss) / best > FRONTIER_GAP:
+            out.append(f"at C = {c:.3g} the law's best loss {frontier_loss:.4g} sits "
+                       f"{(best - frontier_loss) / best:.1%} below the best run ({best:.4g}): the law does not "
+                       "describe these runs")
+    return out
+
+
+def _check_kaplan(k: dict, runs: fit_lib.Runs, groups: list[np.ndarray]) -> list[str]:
+    out = []
+    for law, key, points, what in (("L_N", "alpha_N", len(np.unique(runs.params)), "size"),
+                                   ("L_C", "alpha_C", len(groups), "budget")):
+        if law not in k:
+            continue
+        if not k[law][key] > 0:
+            out.append(f"{key} = {k[law][key]:.4g}: the best loss per {what} does not fall with scale")
+        if points < 3:
+            out.append(f"{law} is a line through {points} points: its R² says nothing")
+    return out
+
+
+def estimate(approach: dict, key: str) -> float | None:
+    """The point estimate that the interval `approach['ci'][key]` is about."""
+    value = approach.get(key)
+    if isinstance(value, dict):
+        value = value.get("exponent")
+    return value if isinstance(value, (int, float)) else None
+
+
+def _check_intervals(approach: dict, name: str) -> list[str]:
+    out = []
+    for key, ci in approach.get("ci", {}).items():
+        value = estimate(approach, key)
+        if key == "level" or value is None or ci["low"] is None or ci["high"] is None:
+            continue
+        tol = 1e-9 * (1 + abs(value))
+        if ci["high"] - ci["low"] <= tol:  # a zero-width interval (noise-free data): nothing to compare
+            continue
+        if value < ci["low"] - tol or value > ci["high"] + tol:
+            out.append(f"{key} = {value:.4g} lies outside its own {ci.get('n', '')}-resample interval "
+                       f"[{ci['low']:.4g}, {ci['high']:.4g}]: the estimate is not stable")
+        elif value <= ci["low"] + tol or value >= ci["high"] - tol:
+            out.append(f"{key} = {value:.4g} lies at the edge of its own interval [{ci['low']:.4g}, "
+                       f"{ci['high']:.4g}]: the resamples fall on one side of it; the estimate is not stable")
+    return out

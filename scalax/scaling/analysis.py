@@ -169,11 +169,11 @@ def _check_approach3(p: dict, runs: fit_lib.Runs, groups: list[np.ndarray]) -> l
         c = float(runs.flops[g].mean())
         n_opt, d_opt = fit_lib.frontier(p, c)
         edge = _edge(runs, g, float(n_opt))
+        best, frontier_loss = float(runs.loss[g].min()), float(fit_lib.law(p, n_opt, d_opt))
         if edge and len(np.unique(runs.params[g])) > 1:
             out.append(f"the law's optimum at C = {c:.3g} (N = {float(n_opt):.3g}) lies at or beyond the {edge} size "
                        "sampled there: extrapolated, not measured")
-        best, frontier_loss = float(runs.loss[g].min()), float(fit_lib.law(p, n_opt, d_opt))
-        if (best - frontier_loss) / best > FRONTIER_GAP:
+        elif (best - frontier_loss) / best > FRONTIER_GAP:
             out.append(f"at C = {c:.3g} the law's best loss {frontier_loss:.4g} sits "
                        f"{(best - frontier_loss) / best:.1%} below the best run ({best:.4g}): the law does not "
                        "describe these runs")

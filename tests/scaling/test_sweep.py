@@ -109,7 +109,7 @@ def ledger(workdir):
 
 
 @pytest.mark.slow
-def test_sweep_killed_and_restarted_records_each_run_once(tmp_path):
+def test_sweep_killed_and_restarted_records_each_run_once(tmp_path, capsys):
     corpus = tmp_path / "corpus"
     corpus.mkdir()
     import glob
@@ -147,6 +147,25 @@ def test_sweep_killed_and_restarted_records_each_run_once(tmp_path):
             train = [json.loads(line) for line in f if '"loss"' in line]
         assert train[-1]["step"] == r["overrides"]["train.steps"]
         assert train[-1]["lr"] == pytest.approx(r["overrides"]["optim.lr"] * 0.1, rel=1e-5)
+    # One fit whichever command asks: the sweep's fit.json, `fit DIR`, `fit --csv` of its export, `plot`.
+    from scalax import cli
+
+    def fit_numbers(path=None, *argv):
+        if path is None:
+            with open(workdir / "fit.json") as f:
+                result = json.load(f)
+        else:
+            assert cli.main(["fit", *map(str, argv), "--json"]) == 0
+            result = json.loads(capsys.readouterr().out)
+        return {k: v for k, v in result.items() if k != "conventions"}
+
+    swept = fit_numbers()
+    assert swept["approach3"]["ci"]["alpha"]["n"] > 1 and swept["n_runs"] == 6
+    assert fit_numbers("dir", workdir) == swept
+    assert fit_numbers("csv", "--csv", workdir / "fit_runs.csv", "--bootstrap", 10, "--seed", 0) == swept
+    assert cli.main(["plot", str(workdir)]) == 0
+    capsys.readouterr()
+    assert fit_numbers() == swept
 
 
 def test_report_and_plots_from_a_known_law(tmp_path):

@@ -34,8 +34,8 @@ def main() -> None:
     args = parser.parse_args()
     schemes = [s for s in ORDER if os.path.isfile(os.path.join(args.root, s, "fit.json"))]
     rows = ["| scheme | best loss per budget (nats/token) | N* per budget (approach 2; edge: dropped) | "
-            "a (approach 2) | E | alpha | beta | a (approach 3) | prediction error at 1.6e12 |",
-            "|---|---|---|---|---|---|---|---|---|"]
+            "a (approach 2) | E | alpha | beta | a (approach 3) | prediction error at 1.6e12 | flagged fits |",
+            "|---|---|---|---|---|---|---|---|---|---|"]
     fig, (ax_loss, ax_n) = plt.subplots(1, 2, figsize=(11, 4.2))
     for i, scheme in enumerate(schemes):
         runs, fit = load(os.path.join(args.root, scheme))
@@ -47,8 +47,10 @@ def main() -> None:
         exponent = f"{a2['a']['exponent']:.2f}" if "a" in a2 else "(one budget)"
         pred = fit.get("prediction") or {}
         error = f"{100 * pred['relative_error']:+.1f}%" if pred else ""
+        flagged = ", ".join(name.replace("approach", "") for name in ("approach1", "approach2", "approach3", "kaplan")
+                            if not fit.get(name, {}).get("ok", True)) or "none"
         rows.append(f"| {scheme} | {', '.join(f'{x:.3f}' for x in best)} | {', '.join(n_star)} | {exponent} | "
-                    f"{a3['E']:.2f} | {a3['alpha']:.2f} | {a3['beta']:.2f} | {a3['a']:.2f} | {error} |")
+                    f"{a3['E']:.2f} | {a3['alpha']:.2f} | {a3['beta']:.2f} | {a3['a']:.2f} | {error} | {flagged} |")
         style = dict(color=f"C{i}", marker="o", label=scheme)
         ax_loss.plot(budgets, best, **style)
         if kept:

@@ -187,7 +187,9 @@ def _check_kaplan(k: dict, runs: fit_lib.Runs, groups: list[np.ndarray]) -> list
         if law not in k:
             continue
         if not k[law][key] > 0:
-            out.append(f"{key} = {k[law][key]:.4g}: the best loss per {what} does not fall with scale")
+            why = (" (in an IsoFLOP grid a size's best loss is not its converged loss: fit L(N) to runs trained to "
+                   "convergence)" if law == "L_N" else "")
+            out.append(f"{key} = {k[law][key]:.4g}: the best loss per {what} does not fall with scale{why}")
         if points < 3:
             out.append(f"{law} is a line through {points} points: its R² says nothing")
     return out

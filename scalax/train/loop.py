@@ -315,13 +315,13 @@ def train(cfg: ConfigDict, workdir: str, log=_log, allow_changes: bool = False) 
 class ProgressBar:
     """tqdm over steps with loss, tokens/s and ETA (on a terminal; plain eval lines go to stdout anyway)."""
 
-    def __init__(self, total: int, initial: int, enabled: bool):
+    def __init__(self, total: int, initial: int, enabled: bool, file=None):
         self.bar = None
         if enabled:
             from tqdm.auto import tqdm
 
-            self.bar = tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True, disable=None,
-                            file=sys.stderr)
+            self.bar = tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True,
+                            disable=None if file is None else False, file=file or sys.stderr)
 
     def update(self, record: dict) -> None:
         if self.bar is not None:

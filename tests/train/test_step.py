@@ -75,3 +75,33 @@ def test_training_steps_reduce_loss_on_a_fixed_batch():
         state, m = step(state, batch)
         first = first if first is not None else float(m["loss"])
     assert float(m["loss"]) < first - 0.5
+
+
+def test_log_lines_never_share_the_progress_bar_line(monkeypatch):
+    """A terminal shows stdout and stderr as one stream: a message written while the bar is drawn must start
+    at the beginning of a line (the bar cleared first), not be glued after the bar's text."""
+    import io
+
+    from scalax.train.loop import ProgressBar
+
+    screen = io.StringIO()
+    monkeypatch.setattr("sys.stdout", screen)  # the terminal: stdout (messages) and the bar's stream are one
+    bar = ProgressBar(total=10, initial=0, enabled=True, file=screen)
+    for _ in range(3):
+        bar.advance()
+    bar.bar.refresh()
+    message = "step 3/10  eval 2.5000 nats/token"
+    bar.wrap(lambda m: screen.write(m + "\n"))(message)
+    bar.advance()
+    bar.close()
+    lines = screen.getvalue().split("\n")
+    shown = [line.split("\r")[-1] for line in lines if message in line]
+    assert shown == [message], repr(screen.getvalue())
+    # without the wrap, the same write lands after the bar's text
+    glued = io.StringIO()
+    bare = ProgressBar(total=10, initial=0, enabled=True, file=glued)
+    bare.advance()
+    bare.bar.refresh()
+    glued.write(message + "\n")
+    bare.close()
+    assert [line.split("\r")[-1] for line in glued.getvalue().split("\n") if message in line] != [message]

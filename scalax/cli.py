@@ -195,22 +195,23 @@ def cmd_plan(args: argparse.Namespace, overrides: list[str]) -> int:
     process with N fake CPU devices (XLA reads the device count once, before jax starts)."""
     import subprocess
 
-    from scalax.parallel import plan as plan_lib
+    from scalax.parallel import devices
 
     if args.devices <= 0:
         raise ConfigError("--devices", f"must be a positive integer, got {args.devices}")
-    memory, description = plan_lib.device_memory(args.device, args.device_memory)
+    memory, description = devices.device_memory(args.device, args.device_memory)
     if os.environ.get("SCALAX_PLAN_CHILD") != str(args.devices):
         env = {**os.environ, "SCALAX_PLAN_CHILD": str(args.devices), "JAX_PLATFORMS": "cpu",
                "XLA_FLAGS": f"{os.environ.get('XLA_FLAGS', '')} "
                             f"--xla_force_host_platform_device_count={args.devices}".strip()}
         return subprocess.run([sys.executable, "-m", "scalax", *args.argv], env=env).returncode
     from scalax import config as config_lib
+    from scalax.train import memory as memory_lib
 
-    report = plan_lib.plan(config_lib.load(args.config, overrides), args.devices)
+    report = memory_lib.memory_plan(config_lib.load(args.config, overrides), args.devices)
     report["device"] = description
-    report["fits"] = plan_lib.verdict(report, memory)
-    print(json.dumps(report, indent=2) if args.json else plan_lib.format_report(report, memory, description))
+    report["fits"] = memory_lib.verdict(report, memory)
+    print(json.dumps(report, indent=2) if args.json else memory_lib.format_report(report, memory, description))
     return 0 if report["fits"] != "does not fit" else 1
 
 

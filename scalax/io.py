@@ -48,13 +48,24 @@ def atomic_write_json(path: str, obj: Any) -> None:
 
 
 def check_output_dir(path: str, key: str) -> None:
-    """Refuse, in one line naming `key`, a directory to write that is a URL, a file, or not writable; create it
-    otherwise."""
+    """Refuse, in one line naming `key`, a directory to write that is a URL, a file, or not writable (checked
+    on the directory, or on its nearest existing parent when it is still to be made). Creates nothing."""
     if "://" in path:
         scheme = path.split("://", 1)[0]
         raise ConfigError(key, f"{path}: {scheme}:// paths are not supported yet; allowed: a local directory")
-    if os.path.exists(path) and not os.path.isdir(path):
-        raise ConfigError(key, f"{path} is a file; allowed: a directory (new, or one scalax wrote)")
+    existing = os.path.abspath(path)
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        what = f"{path} is a file" if existing == os.path.abspath(path) else f"{existing} (in {path}) is a file"
+        raise ConfigError(key, f"{what}; allowed: a directory (new, or one scalax wrote)")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError(key, f"cannot write to {path}: {existing} is not writable")
+
+
+def make_output_dir(path: str, key: str) -> None:
+    """Create the directory `check_output_dir` allowed, and prove it writable; one line naming `key` if not."""
+    check_output_dir(path, key)
     try:
         os.makedirs(path, exist_ok=True)
         with tempfile.TemporaryFile(dir=path):

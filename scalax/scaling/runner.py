@@ -28,7 +28,7 @@ from ml_collections import ConfigDict
 
 from scalax import config as config_lib
 from scalax.errors import ConfigError
-from scalax.io import atomic_write_json, atomic_write_text
+from scalax.io import atomic_write_json, atomic_write_text, make_output_dir
 from scalax.scaling import analysis
 from scalax.scaling import sweep as sweep_lib
 
@@ -87,7 +87,7 @@ def run_sweep(cfg: ConfigDict, workdir: str, parallel: int = 1, log=print, force
     config changed (or that left the grid) are moved to DIR/replaced/ and trained again."""
     check_sweep_config(cfg)
     planned = sweep_lib.plan(cfg)
-    os.makedirs(os.path.join(workdir, "runs"), exist_ok=True)
+    make_output_dir(os.path.join(workdir, "runs"), "--workdir")
     ledger = Ledger(workdir)
     _replace_changed_runs(cfg, planned, workdir, ledger, force, log)
     atomic_write_json(os.path.join(workdir, "sweep.json"), cfg.to_dict())
@@ -193,7 +193,7 @@ def _does_not_fit(cfg: ConfigDict, run, workdir: str) -> str | None:
     if not device:
         return None
     config_path = _write_run_config(cfg, run, workdir)
-    from scalax.parallel.plan import DEVICE_MEMORY
+    from scalax.parallel.devices import DEVICE_MEMORY
 
     target = f"--device={device}" if device.lower() in DEVICE_MEMORY else f"--device-memory={device}"
     proc = subprocess.run([sys.executable, "-m", "scalax", "plan", f"--config={config_path}",

@@ -1,14 +1,15 @@
 """The training loop: everything with side effects (data files, checkpoints, logs, signals) lives here; the
-step itself is the pure function from step.py.
+step itself is the pure function from step.py, compiled by the run's setup (setup.py).
 
 A run on a workdir that holds a checkpoint resumes from it, bit for bit: the state, the data iterator's
-position and the counters are restored, and metrics.jsonl is cut back to the restored step. SIGTERM (how
-Cloud TPU preempts) saves at the next step boundary and exits with status 143. A NaN or inf loss stops the run
-before anything non-finite is saved.
+position and the counters are restored, and metrics.jsonl is cut back to the restored step (what may change
+on a resume: resume.py). SIGTERM (how Cloud TPU preempts) saves at the next step boundary and exits with
+status 143. A NaN or inf loss stops the run before anything non-finite is saved.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import os
@@ -22,18 +23,15 @@ from ml_collections import ConfigDict
 
 from scalax import config as config_lib
 from scalax.data import corpora, pipeline
-from scalax.errors import ConfigError, ScalaxError
-from scalax.io import atomic_write_json, check_output_dir
-from scalax.models import Decoder
-from scalax.parallel import mesh as mesh_lib
+from scalax.errors import ScalaxError
+from scalax.io import atomic_write_json, check_output_dir, make_output_dir
 from scalax.scaling import flops
-from scalax.train import optim, program
+from scalax.train import resume
 from scalax.train.checkpoint import Checkpointer
 from scalax.train.metrics import MetricsLog, peak_flops_per_device
+from scalax.train.setup import RunSetup, setup_run
 
 MFU_CONVENTION = "6n_head_attn"  # model FLOPs per token for MFU: 6N + the unembedding + causal attention
-# Keys of the model section that may differ from a checkpoint's: they change how, not what, is computed.
-RESUMABLE_MODEL_KEYS = ("remat",)
 
 
 class TrainingDiverged(ScalaxError):
@@ -61,32 +59,6 @@ class Counters:
         return {f"flops_{k}": self.tokens * v for k, v in per_token.items()}
 
 
-def total_steps(train_cfg) -> int:
-    """Run length in optimizer steps: train.steps, or ceil(train.tokens / tokens per step) when tokens > 0."""
-    if train_cfg.tokens < 0:
-        raise ConfigError("train.tokens", f"must be >= 0 (0: use train.steps), got {train_cfg.tokens}")
-    if train_cfg.tokens > 0:
-        return math.ceil(train_cfg.tokens / (train_cfg.batch_size * train_cfg.seq_len))
-    return train_cfg.steps
-
-
-def validate(cfg: ConfigDict) -> None:
-    t = cfg.train
-    for key in ("steps", "batch_size", "seq_len", "microbatches", "log_every", "eval_every", "eval_windows",
-                "checkpoint_every", "keep_checkpoints"):
-        if t[key] <= 0:
-            raise ConfigError(f"train.{key}", f"must be a positive integer, got {t[key]}")
-    if t.batch_size % t.microbatches:
-        raise ConfigError("train.microbatches", f"must divide train.batch_size={t.batch_size}, got {t.microbatches}")
-    if t.batch_size % jax.process_count():
-        raise ConfigError("train.batch_size", f"{t.batch_size} is not divisible by the process count "
-                          f"{jax.process_count()}")
-    if t.z_loss < 0:
-        raise ConfigError("train.z_loss", f"must be >= 0, got {t.z_loss}")
-    if not 0 < cfg.data.val_fraction < 1:
-        raise ConfigError("data.val_fraction", f"must be in (0, 1), got {cfg.data.val_fraction}")
-
-
 def resolved_config(cfg: ConfigDict) -> dict:
     """The config as run: the model section with its derived fields (vocab, head_dim, ...) filled in."""
     out = cfg.to_dict()
@@ -94,222 +66,202 @@ def resolved_config(cfg: ConfigDict) -> dict:
     return out
 
 
-# Keys that decide which batches a run sees: a resume may never change them.
-DATA_ORDER_KEYS = ("batch_size", "seq_len", "seed")
-
-
-def check_same_run(saved: dict, current: dict, workdir: str, step: int, allow_changes: bool, log) -> None:
-    """Refuse a resume that would silently train another run than the checkpoint's: a new length (train.steps,
-    train.tokens) or optimizer (optim.*: the schedule is rebuilt from them) unless `allow_changes`; a new batch,
-    sequence length or seed (the data order) always."""
-    for key in DATA_ORDER_KEYS:
-        if saved["train"].get(key) != current["train"].get(key):
-            raise ConfigError(f"train.{key}", f"{workdir} holds a checkpoint trained with train.{key}="
-                              f"{saved['train'].get(key)!r}, not {current['train'].get(key)!r}; the data order "
-                              "depends on it. Use another --workdir, or the checkpoint's value")
-    old_steps, new_steps = total_steps(ConfigDict(saved["train"])), total_steps(ConfigDict(current["train"]))
-    changed = [f"train.{k} ({saved['train'].get(k)!r} in the checkpoint, {current['train'].get(k)!r} now)"
-               for k in ("steps", "tokens") if saved["train"].get(k) != current["train"].get(k)]
-    if old_steps == new_steps:
-        changed = []  # e.g. train.tokens given instead of the same number of steps
-    changed += [f"optim.{k} ({saved['optim'].get(k)!r} in the checkpoint, {current['optim'].get(k)!r} now)"
-                for k in sorted(set(saved["optim"]) | set(current["optim"]))
-                if saved["optim"].get(k) != current["optim"].get(k)]
-    if not changed:
-        return
-    if not allow_changes:
-        raise ConfigError(changed[0].split(" ")[0], f"{workdir} holds a checkpoint of a run with another length or "
-                          f"optimizer: {'; '.join(changed)}. The learning-rate schedule would change mid-run. Use "
-                          "another --workdir, the checkpoint's values, or --allow-changes to go on with the new ones")
-    old_lr = float(optim.schedule(ConfigDict(saved["optim"]), old_steps)(step))  # the update of step + 1
-    new_lr = float(optim.schedule(ConfigDict(current["optim"]), new_steps)(step))
-    log(f"--allow-changes: {'; '.join(changed)}. After step {step} the run follows the new values: its "
-        f"{current['optim']['schedule']} schedule is that of a {new_steps}-step run (the checkpoint's: {old_steps} "
-        f"steps); lr of step {step + 1}: {new_lr:.4g} (it would have been {old_lr:.4g})")
-
-
-def check_compatible(saved: dict, current: dict, workdir: str) -> None:
-    """Refuse to resume a checkpoint of another model or tokenizer, naming the keys that differ."""
-    keys = sorted(k for k in set(saved["model"]) | set(current["model"])
-                  if k not in RESUMABLE_MODEL_KEYS and saved["model"].get(k) != current["model"].get(k))
-    differing = [f"model.{k} ({saved['model'].get(k)!r} in the checkpoint, {current['model'].get(k)!r} now)"
-                 for k in keys]
-    for key in ("tokenizer", "tokenizer_hash", "corpus"):
-        if saved["data"].get(key) != current["data"].get(key):
-            differing.append(f"data.{key} ({saved['data'].get(key)!r} in the checkpoint, "
-                             f"{current['data'].get(key)!r} now)")
-    if differing:
-        raise ConfigError(differing[0].split(" ")[0], f"{workdir} holds a checkpoint of a different config: "
-                          f"{'; '.join(differing)}. Use another --workdir, or the checkpoint's config.")
-
-
 def _log(msg: str) -> None:
     if jax.process_index() == 0:
         print(msg, flush=True)
 
 
-def train(cfg: ConfigDict, workdir: str, log=_log, allow_changes: bool = False) -> dict:
-    """Train (or resume) the run that `cfg` describes in `workdir`; returns a summary of its end. A resume
-    with another length or optimizer is refused unless `allow_changes` (see check_same_run)."""
-    validate(cfg)
-    check_output_dir(workdir, "--workdir")
-    model_cfg = config_lib.model_config(cfg)
-    t = cfg.train
-    steps = total_steps(t)
-    config_lib.check_seq_len(t.seq_len, model_cfg)
-    layout = mesh_lib.layout(cfg.mesh, model_cfg, t.batch_size)
-    if (t.batch_size // t.microbatches) % layout.batch_shards:
-        raise ConfigError("train.microbatches", f"each microbatch of {t.batch_size // t.microbatches} sequences "
-                          f"must divide over mesh.data x mesh.fsdp = {layout.batch_shards}")
-    tx = optim.optimizer(cfg.optim, steps)
-    schedule = optim.schedule(cfg.optim, steps)
-    resolved = resolved_config(cfg)
-    writer = jax.process_index() == 0
-
+def load_data(cfg: ConfigDict, run: RunSetup, log) -> corpora.TokenSplits:
+    """Both splits, tokenized (from the cache when it is current), checked against the model."""
     data = corpora.load_splits(cfg.data, log)
     for split, tokens in (("train", data.train), ("val", data.val)):
-        pipeline.check_tokens(tokens, t.seq_len, model_cfg.vocab_size, data.header["max_token_id"], split)
-    resolved["data"]["tokenizer_hash"] = data.tokenizer.hash
+        pipeline.check_tokens(tokens, cfg.train.seq_len, run.model.vocab_size, data.header["max_token_id"], split)
+    return data
 
-    os.makedirs(workdir, exist_ok=True)
-    model = Decoder(model_cfg)
-    checkpointer = Checkpointer(workdir, t.keep_checkpoints)
+
+def train(cfg: ConfigDict, workdir: str, log=_log, allow_changes: bool = False) -> dict:
+    """Train (or resume) the run that `cfg` describes in `workdir`; returns a summary of its end. A resume
+    with another length or optimizer is refused unless `allow_changes` (resume.check_same_run)."""
+    check_output_dir(workdir, "--workdir")
+    run = setup_run(cfg)
+    data = load_data(cfg, run, log)
+    resolved = resolved_config(cfg)
+    resolved["data"]["tokenizer_hash"] = data.tokenizer.hash
+    make_output_dir(workdir, "--workdir")
+    checkpointer = Checkpointer(workdir, cfg.train.keep_checkpoints)
+    try:
+        _check_resumable(checkpointer, resolved, workdir, allow_changes, log)
+        return Trainer(cfg, run, data, resolved, workdir, checkpointer, log).run()
+    finally:
+        checkpointer.close()
+
+
+def _check_resumable(checkpointer: Checkpointer, resolved: dict, workdir: str, allow_changes: bool, log) -> None:
+    """Compare the newest checkpoint whose config can be read with the config asked for."""
     for step in reversed(checkpointer.steps()):
         try:
             saved = checkpointer.read_meta(step)["config"]
         except Exception:  # unreadable: restore_latest reports it and falls back
             continue
-        check_compatible(saved, resolved, workdir)
-        check_same_run(saved, resolved, workdir, step, allow_changes, log)
-        break
-    prog = program.build(model, tx, schedule, layout, t.seed, t.seq_len, t.microbatches, t.z_loss)
-    # Restoring onto this mesh: the target carries the new shardings, whatever mesh wrote the checkpoint.
-    restored = checkpointer.restore_latest(prog.abstract_state, warn=log)
-    batches = pipeline.iterator(pipeline.train_dataset(data.train, t.seq_len, t.batch_size, t.seed,
-                                                       jax.process_index(), jax.process_count()), cfg.data.prefetch)
-    if restored is None:  # parameters are born sharded: no device ever holds the whole model
-        state, counters, start = prog.init(), Counters(), 0
-    else:
+        resume.check_compatible(saved, resolved, workdir)
+        resume.check_same_run(saved, resolved, workdir, step, allow_changes, log)
+        return
+
+
+@contextlib.contextmanager
+def sigterm_flag():
+    """A dict whose "requested" turns True when SIGTERM arrives (the loop saves, then stops)."""
+    flag = {"requested": False}
+    previous = signal.signal(signal.SIGTERM, lambda *_: flag.update(requested=True))
+    try:
+        yield flag
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+class Trainer:
+    """One run's loop: its state, data iterator, counters and logs, and the steps from its start to its end."""
+
+    def __init__(self, cfg: ConfigDict, run: RunSetup, data: corpora.TokenSplits, resolved: dict, workdir: str,
+                 checkpointer: Checkpointer, log):
+        self.train_cfg, self.run_setup, self.data = cfg.train, run, data
+        self.resolved, self.workdir, self.checkpointer, self.log = resolved, workdir, checkpointer, log
+        self.writer = jax.process_index() == 0
+        train_cfg = cfg.train
+        self.batches = pipeline.iterator(pipeline.train_dataset(data.train, train_cfg.seq_len, train_cfg.batch_size,
+                                                                train_cfg.seed, jax.process_index(),
+                                                                jax.process_count()), cfg.data.prefetch)
+        self.state, self.counters, self.start = self._restore()
+        self.last_saved = self.start if self.start else None
+        if self.writer:
+            atomic_write_json(os.path.join(workdir, "config.json"), resolved)
+        self.metrics_log = MetricsLog(workdir, enabled=self.writer)
+        self.metrics_log.truncate_after(self.start)
+        self.per_token = flops.all_flops_per_token(run.model, train_cfg.seq_len)
+        self.peak, peak_source = peak_flops_per_device(run.model.dtype)
+        self.tokens_per_step = train_cfg.batch_size * train_cfg.seq_len
+        self.bytes_per_token = data.bytes_per_token("val")
+        self.eval_windows = pipeline.eval_windows(data.val, train_cfg.seq_len, train_cfg.eval_windows)
+        self.pending: list[tuple[int, dict]] = []  # metrics still on device, fetched at the next log or save
+        sizes = " x ".join(f"{a} {n}" for a, n in run.layout.mesh.shape.items())
+        log(f"training {flops.params_total(run.model) / 1e6:.2f}M parameters for {run.steps} steps of "
+            f"{self.tokens_per_step} tokens ({run.steps * self.tokens_per_step / 1e6:.1f}M tokens) on "
+            f"{data.header['counts']['train']['tokens'] / 1e6:.1f}M training tokens; mesh {sizes} "
+            f"({jax.process_count()} process(es)); MFU against {self.peak / 1e12:.2f} TFLOP/s per device "
+            f"({peak_source})")
+
+    def _restore(self):
+        """(state, counters, start step): the newest readable checkpoint's, onto this mesh (the restore target
+        carries the new shardings, whatever mesh wrote it), or a new state born sharded."""
+        prog = self.run_setup.program
+        restored = self.checkpointer.restore_latest(prog.abstract_state, warn=self.log)
+        if restored is None:
+            return prog.init(), Counters(), 0
         start, state, data_state, meta = restored
-        batches.set_state(data_state)
-        counters = Counters(**meta["counters"])
-        log(f"resuming {workdir} from step {start}")
-    if writer:
-        atomic_write_json(os.path.join(workdir, "config.json"), resolved)
-    metrics_log = MetricsLog(workdir, enabled=writer)
-    metrics_log.truncate_after(start)
+        self.batches.set_state(data_state)
+        self.log(f"resuming {self.workdir} from step {start}")
+        return state, Counters(**meta["counters"]), start
 
-    per_token = flops.all_flops_per_token(model_cfg, t.seq_len)
-    peak, peak_source = peak_flops_per_device(model_cfg.dtype)
-    devices_used = layout.mesh.size
-    tokens_per_step = t.batch_size * t.seq_len
-    bytes_per_token = data.bytes_per_token("val")
-    eval_windows = pipeline.eval_windows(data.val, t.seq_len, t.eval_windows)
-    train_step, eval_step = prog.train_step, prog.eval_step
-    n_params = flops.params_total(model_cfg)
-    sizes = " x ".join(f"{a} {n}" for a, n in layout.mesh.shape.items())
-    log(f"training {n_params / 1e6:.2f}M parameters for {steps} steps of {tokens_per_step} tokens "
-        f"({steps * tokens_per_step / 1e6:.1f}M tokens) on {data.header['counts']['train']['tokens'] / 1e6:.1f}M "
-        f"training tokens; mesh {sizes} ({jax.process_count()} process(es)); MFU against "
-        f"{peak / 1e12:.2f} TFLOP/s per device ({peak_source})")
-
-    def global_batch(local_BxT1: np.ndarray) -> jax.Array:
-        """This process's rows -> the global batch, sharded over data x fsdp."""
-        return jax.make_array_from_process_local_data(layout.batch_sharding, local_BxT1,
-                                                      (t.batch_size, *local_BxT1.shape[1:]))
-
-    def eval_chunks():
+    # ------------------------------------------------------------------ evaluation
+    def _eval_chunks(self):
         """The fixed windows in global batches of train.batch_size (the last one padded, its padding dropped)."""
-        for i in range(0, len(eval_windows), t.batch_size):
-            chunk = eval_windows[i : i + t.batch_size]
-            padded = np.concatenate([chunk, np.repeat(chunk[:1], t.batch_size - len(chunk), axis=0)])
-            array = jax.make_array_from_callback(padded.shape, layout.batch_sharding, lambda idx, x=padded: x[idx])
+        batch_size, sharding = self.train_cfg.batch_size, self.run_setup.layout.batch_sharding
+        for i in range(0, len(self.eval_windows), batch_size):
+            chunk = self.eval_windows[i : i + batch_size]
+            padded = np.concatenate([chunk, np.repeat(chunk[:1], batch_size - len(chunk), axis=0)])
+            array = jax.make_array_from_callback(padded.shape, sharding, lambda idx, x=padded: x[idx])
             yield array, len(chunk)
 
-    def evaluate(params) -> dict:
-        losses = np.concatenate([np.asarray(eval_step(params, array))[:n] for array, n in eval_chunks()])
+    def evaluate(self, params) -> dict:
+        eval_step = self.run_setup.program.eval_step
+        losses = np.concatenate([np.asarray(eval_step(params, array))[:n] for array, n in self._eval_chunks()])
         loss = float(losses.mean())
         se = float(losses.std(ddof=1) / math.sqrt(len(losses))) if len(losses) > 1 else float("nan")
-        return {"eval_loss": loss, "eval_loss_se": se, "eval_bpb": loss / math.log(2) / bytes_per_token,
-                "eval_bpb_se": se / math.log(2) / bytes_per_token}
+        return {"eval_loss": loss, "eval_loss_se": se, "eval_bpb": loss / math.log(2) / self.bytes_per_token,
+                "eval_bpb_se": se / math.log(2) / self.bytes_per_token}
 
-    preempt = {"requested": False}
-    previous_handler = signal.signal(signal.SIGTERM, lambda *_: preempt.update(requested=True))
-    pending: list[tuple[int, dict]] = []  # metrics still on device, fetched at the next log or checkpoint
-    last_saved = start if restored else None
-    clock = {"time": time.perf_counter(), "tokens": counters.tokens}
-    progress = ProgressBar(steps, start, writer)
-    log = progress.wrap(log)  # eval lines on their own line, the bar redrawn below them
-
-    def flush_metrics() -> dict | None:
-        """Fetch pending metrics (one host sync), stop on a non-finite loss, write the logged steps."""
-        if not pending:
+    # ------------------------------------------------------------------ metrics and checkpoints
+    def flush_metrics(self, clock: dict) -> dict | None:
+        """Fetch pending metrics (one host sync), stop on a non-finite loss; the record of the newest step."""
+        if not self.pending:
             return None
-        fetched = jax.device_get([m for _, m in pending])
-        for (step, _), m in zip(pending, fetched, strict=True):
+        fetched = jax.device_get([m for _, m in self.pending])
+        for (step, _), m in zip(self.pending, fetched, strict=True):
             if not np.isfinite(m["loss"]):
-                where = f"step {last_saved} in {checkpointer.directory}" if last_saved else "none was saved"
+                where = f"step {self.last_saved} in {self.checkpointer.directory}" if self.last_saved else \
+                    "none was saved"
                 raise TrainingDiverged(f"loss is {m['loss']} at step {step}: training diverged; the last good "
                                        f"checkpoint is kept ({where}). Try a lower optim.lr or longer warmup.")
-        step, m = pending[-1][0], fetched[-1]
-        pending.clear()
-        now = time.perf_counter()
+        step, m = self.pending[-1][0], fetched[-1]
+        self.pending.clear()
+        now, counters = time.perf_counter(), self.counters
         tokens_per_s = (counters.tokens - clock["tokens"]) / max(now - clock["time"], 1e-9)
         clock.update(time=now, tokens=counters.tokens)
-        record = {"step": step, "loss": float(m["loss"]), "bpb": float(m["loss"]) / math.log(2) / bytes_per_token,
-                  "lr": float(m["lr"]), "grad_norm": float(m["grad_norm"]), "tokens_per_s": tokens_per_s,
-                  "mfu": tokens_per_s * per_token[MFU_CONVENTION] / (peak * devices_used),
-                  "tokens": counters.tokens, **counters.flops(per_token), "wall_seconds": counters.wall_seconds}
-        return record
+        loss = float(m["loss"])
+        return {"step": step, "loss": loss, "bpb": loss / math.log(2) / self.bytes_per_token, "lr": float(m["lr"]),
+                "grad_norm": float(m["grad_norm"]), "tokens_per_s": tokens_per_s,
+                "mfu": tokens_per_s * self.per_token[MFU_CONVENTION] / (self.peak * self.run_setup.layout.mesh.size),
+                "tokens": counters.tokens, **counters.flops(self.per_token), "wall_seconds": counters.wall_seconds}
 
-    def save(step: int) -> None:
-        nonlocal last_saved
-        meta = {"config": resolved, "counters": dataclasses.asdict(counters)}
-        checkpointer.save(step, state, batches.get_state(), meta)
-        last_saved = step
+    def save(self, step: int) -> None:
+        meta = {"config": self.resolved, "counters": dataclasses.asdict(self.counters)}
+        self.checkpointer.save(step, self.state, self.batches.get_state(), meta)
+        self.last_saved = step
 
-    summary: dict = {"status": "running"}
-    if start >= steps:
-        log(f"{workdir} already holds the run's final checkpoint (step {start})")
-        summary.update(evaluate(state.params))
-    wall_mark = time.perf_counter()
-    try:
-        for step in range(start + 1, steps + 1):
-            batch = global_batch(next(batches))
-            state, metrics = train_step(state, batch)
-            pending.append((step, metrics))
-            counters.tokens += tokens_per_step
-            is_last = step == steps
-            if step % t.log_every == 0 or is_last or step % t.checkpoint_every == 0 or preempt["requested"]:
-                record = flush_metrics()
-                if record is not None and (step % t.log_every == 0 or is_last):
-                    metrics_log.write(record)
-                    progress.update(record)
-            if step % t.eval_every == 0 or is_last:
-                record = {"step": step, **evaluate(state.params)}
-                metrics_log.write(record)
-                log(f"step {step}/{steps}  eval {record['eval_loss']:.4f} nats/token "
-                    f"({record['eval_bpb']:.4f} ± {record['eval_bpb_se']:.4f} bits/byte)")
-                summary.update(record)
-            now = time.perf_counter()
-            counters.wall_seconds, wall_mark = counters.wall_seconds + now - wall_mark, now
-            if step % t.checkpoint_every == 0 or is_last or preempt["requested"]:
-                save(step)
-            progress.advance()
-            if preempt["requested"]:
-                checkpointer.wait()
-                raise Preempted(f"SIGTERM: saved a checkpoint at step {step} in {checkpointer.directory}; "
-                                "run the same command again to resume")
-        summary.update(status="finished", step=steps, tokens=counters.tokens, wall_seconds=counters.wall_seconds,
-                       **counters.flops(per_token))
-        if writer:
-            atomic_write_json(os.path.join(workdir, "summary.json"), summary)
-        return summary
-    finally:
-        signal.signal(signal.SIGTERM, previous_handler)
-        progress.close()
-        metrics_log.close()
-        checkpointer.close()
+    # ------------------------------------------------------------------ the loop
+    def run(self) -> dict:
+        steps = self.run_setup.steps
+        progress = ProgressBar(steps, self.start, self.writer)
+        self.log = progress.wrap(self.log)  # eval lines on their own line, the bar redrawn below them
+        summary: dict = {"status": "running"}
+        if self.start >= steps:
+            self.log(f"{self.workdir} already holds the run's final checkpoint (step {self.start})")
+            summary.update(self.evaluate(self.state.params))
+        self._clock = {"time": time.perf_counter(), "tokens": self.counters.tokens}  # for tokens/s
+        self._wall_mark = time.perf_counter()  # for the counters' wall seconds
+        try:
+            with sigterm_flag() as preempt:
+                for step in range(self.start + 1, steps + 1):
+                    self._step(step, preempt, progress, summary)
+                    if preempt["requested"]:
+                        self.checkpointer.wait()
+                        raise Preempted(f"SIGTERM: saved a checkpoint at step {step} in "
+                                        f"{self.checkpointer.directory}; run the same command again to resume")
+            summary.update(status="finished", step=steps, tokens=self.counters.tokens,
+                           wall_seconds=self.counters.wall_seconds, **self.counters.flops(self.per_token))
+            if self.writer:
+                atomic_write_json(os.path.join(self.workdir, "summary.json"), summary)
+            return summary
+        finally:
+            progress.close()
+            self.metrics_log.close()
+
+    def _step(self, step: int, preempt: dict, progress: ProgressBar, summary: dict) -> None:
+        """One optimizer step, and whatever falls due at it: a log record, an evaluation, a checkpoint."""
+        train_cfg, is_last = self.train_cfg, step == self.run_setup.steps
+        local_BxT1 = next(self.batches)  # this process's rows -> the global batch, sharded over data x fsdp
+        batch = jax.make_array_from_process_local_data(self.run_setup.layout.batch_sharding, local_BxT1,
+                                                       (train_cfg.batch_size, *local_BxT1.shape[1:]))
+        self.state, metrics = self.run_setup.program.train_step(self.state, batch)
+        self.pending.append((step, metrics))
+        self.counters.tokens += self.tokens_per_step
+        logs, saves = step % train_cfg.log_every == 0 or is_last, step % train_cfg.checkpoint_every == 0 or is_last
+        if logs or saves or preempt["requested"]:
+            record = self.flush_metrics(self._clock)
+            if record is not None and logs:
+                self.metrics_log.write(record)
+                progress.update(record)
+        if step % train_cfg.eval_every == 0 or is_last:
+            record = {"step": step, **self.evaluate(self.state.params)}
+            self.metrics_log.write(record)
+            self.log(f"step {step}/{self.run_setup.steps}  eval {record['eval_loss']:.4f} nats/token "
+                     f"({record['eval_bpb']:.4f} ± {record['eval_bpb_se']:.4f} bits/byte)")
+            summary.update(record)
+        now = time.perf_counter()
+        self.counters.wall_seconds, self._wall_mark = self.counters.wall_seconds + now - self._wall_mark, now
+        if saves or preempt["requested"]:
+            self.save(step)
+        progress.advance()
 
 
 class ProgressBar:

@@ -36,8 +36,8 @@ class Program:
         return jax.ShapeDtypeStruct((batch_size, seq_len + 1), jax.numpy.int32, sharding=self.layout.batch_sharding)
 
 
-def build(model: Decoder, tx: optax.GradientTransformation, schedule: optax.Schedule, layout: Layout, seed: int,
-          seq_len: int, microbatches: int = 1, z_loss: float = 0.0) -> Program:
+def compile_program(model: Decoder, tx: optax.GradientTransformation, schedule: optax.Schedule, layout: Layout,
+                    seed: int, seq_len: int, microbatches: int = 1, z_loss: float = 0.0) -> Program:
     abstract = jax.eval_shape(lambda: init_state(model, tx, seed, seq_len))
     params_sharding = shardings.param_shardings(model, layout)
     state_sharding = shardings.state_shardings(abstract, params_sharding, layout)

@@ -43,7 +43,8 @@ def run_steps(cfg, mesh: ConfigDict, data: list[np.ndarray], devices=None):
     layout = mesh_lib.layout(mesh, cfg, BATCH, devices=devices)
     steps = 100
     oc = optim_config()
-    prog = program.build(Decoder(cfg), optim.optimizer(oc, steps), optim.schedule(oc, steps), layout, 0, SEQ_LEN)
+    prog = program.compile_program(Decoder(cfg), optim.optimizer(oc, steps), optim.schedule(oc, steps), layout, 0,
+                                   SEQ_LEN)
     state = prog.init()
     losses = []
     for batch in data:

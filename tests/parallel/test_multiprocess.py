@@ -147,8 +147,8 @@ def restore(corpus, workdir, sizes):
     devices = jax.devices()[: int(np.prod(sizes))]
     layout = mesh_lib.layout(cfg.mesh, model_cfg, cfg.train.batch_size, devices=devices)
     steps = cfg.train.steps
-    prog = program.build(Decoder(model_cfg), optim.optimizer(cfg.optim, steps), optim.schedule(cfg.optim, steps),
-                         layout, cfg.train.seed, cfg.train.seq_len)
+    prog = program.compile_program(Decoder(model_cfg), optim.optimizer(cfg.optim, steps),
+                                   optim.schedule(cfg.optim, steps), layout, cfg.train.seed, cfg.train.seq_len)
     checkpointer = Checkpointer(workdir, 3)
     try:
         step, state, _, _ = checkpointer.restore_latest(prog.abstract_state)

@@ -9,7 +9,7 @@ import pytest
 
 from scalax.errors import ConfigError
 from scalax.models import ModelConfig, presets
-from scalax.parallel import plan as plan_lib
+from scalax.parallel import devices as plan_lib
 from scalax.scaling import flops
 from tests.conftest import REPO
 

@@ -97,7 +97,7 @@ def test_weight_decay_really_skips_masked_leaves():
 
 @pytest.mark.parametrize("tokens,steps,want", [(0, 37, 37), (1_000_000, 37, 245), (4096 * 10, 5, 10)])
 def test_run_length_in_steps_or_tokens(tokens, steps, want):
-    from scalax.train.loop import total_steps
+    from scalax.train.setup import total_steps
 
     train = ConfigDict(dict(tokens=tokens, steps=steps, batch_size=16, seq_len=256))
     assert total_steps(train) == want  # ceil(tokens / (16 * 256)) when tokens > 0

@@ -1,0 +1,79 @@
+"""A run's setup, from its config to its compiled program: the one sequence that `scalax train` (train/loop.py)
+and the memory plan (`scalax plan`, train/memory.py) share.
+
+    config -> validated ModelConfig -> run length in steps -> mesh layout -> optimizer and schedule
+           -> Program (sharded initialiser, jitted train and eval steps)
+
+The data come next, in the loop (the memory plan needs none).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import jax
+import optax
+from ml_collections import ConfigDict
+
+from scalax import config as config_lib
+from scalax.errors import ConfigError
+from scalax.models import Decoder, ModelConfig
+from scalax.parallel import mesh as mesh_lib
+from scalax.train import optim, program
+
+
+@dataclasses.dataclass(frozen=True)
+class RunSetup:
+    model: ModelConfig
+    steps: int  # the run's length in optimizer steps
+    layout: mesh_lib.Layout
+    tx: optax.GradientTransformation
+    schedule: optax.Schedule
+    program: program.Program
+
+
+def total_steps(train_cfg) -> int:
+    """Run length in optimizer steps: train.steps, or ceil(train.tokens / tokens per step) when tokens > 0."""
+    if train_cfg.tokens < 0:
+        raise ConfigError("train.tokens", f"must be >= 0 (0: use train.steps), got {train_cfg.tokens}")
+    if train_cfg.tokens > 0:
+        return math.ceil(train_cfg.tokens / (train_cfg.batch_size * train_cfg.seq_len))
+    return train_cfg.steps
+
+
+def validate(cfg: ConfigDict) -> None:
+    """The `train` and `data` keys that no later step checks."""
+    train_cfg = cfg.train
+    for key in ("steps", "batch_size", "seq_len", "microbatches", "log_every", "eval_every", "eval_windows",
+                "checkpoint_every", "keep_checkpoints"):
+        if train_cfg[key] <= 0:
+            raise ConfigError(f"train.{key}", f"must be a positive integer, got {train_cfg[key]}")
+    if train_cfg.batch_size % train_cfg.microbatches:
+        raise ConfigError("train.microbatches", f"must divide train.batch_size={train_cfg.batch_size}, got "
+                          f"{train_cfg.microbatches}")
+    if train_cfg.batch_size % jax.process_count():
+        raise ConfigError("train.batch_size", f"{train_cfg.batch_size} is not divisible by the process count "
+                          f"{jax.process_count()}")
+    if train_cfg.z_loss < 0:
+        raise ConfigError("train.z_loss", f"must be >= 0, got {train_cfg.z_loss}")
+    if not 0 < cfg.data.val_fraction < 1:
+        raise ConfigError("data.val_fraction", f"must be in (0, 1), got {cfg.data.val_fraction}")
+
+
+def setup_run(cfg: ConfigDict, devices=None) -> RunSetup:
+    """Validate `cfg` and build its program on a mesh over `devices` (default: every device of every process)."""
+    validate(cfg)
+    model_cfg = config_lib.model_config(cfg)
+    train_cfg = cfg.train
+    config_lib.check_seq_len(train_cfg.seq_len, model_cfg)
+    steps = total_steps(train_cfg)
+    layout = mesh_lib.layout(cfg.mesh, model_cfg, train_cfg.batch_size, devices=devices)
+    microbatch = train_cfg.batch_size // train_cfg.microbatches
+    if microbatch % layout.batch_shards:
+        raise ConfigError("train.microbatches", f"each microbatch of {microbatch} sequences must divide over "
+                          f"mesh.data x mesh.fsdp = {layout.batch_shards}")
+    tx, schedule = optim.optimizer(cfg.optim, steps), optim.schedule(cfg.optim, steps)
+    prog = program.compile_program(Decoder(model_cfg), tx, schedule, layout, train_cfg.seed, train_cfg.seq_len,
+                                   train_cfg.microbatches, train_cfg.z_loss)
+    return RunSetup(model_cfg, steps, layout, tx, schedule, prog)

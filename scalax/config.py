@@ -24,6 +24,7 @@ from scalax.data import tokenizers
 from scalax.errors import ConfigError
 from scalax.models import presets
 from scalax.models.config import ModelConfig
+from scalax.parallel.rules import DEFAULT_RULES
 
 STRUCTURE_KEYS = ("preset", "size", "d_model", "n_layers")
 
@@ -116,8 +117,6 @@ def build(family: str, arg: str | None) -> ml_collections.ConfigDict:
 def mesh_section() -> dict:
     """The `mesh` section: axis sizes (-1: the devices left over; the product must be the device count) and
     the logical axis rules (parallel/rules.py). The default is pure data parallelism over every device."""
-    from scalax.parallel.rules import DEFAULT_RULES
-
     return {"data": -1, "fsdp": 1, "tensor": 1, "rules": [list(rule) for rule in DEFAULT_RULES]}
 
 

@@ -10,6 +10,7 @@ import os
 from collections.abc import Iterable
 
 import numpy as np
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from scalax.errors import ConfigError
 
@@ -46,8 +47,6 @@ class BpeTokenizer:
 
     @classmethod
     def train(cls, documents: Iterable[bytes], vocab_size: int) -> BpeTokenizer:
-        from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
         tok = Tokenizer(models.BPE(unk_token="<|unk|>"))
         tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
         tok.decoder = decoders.ByteLevel()
@@ -58,8 +57,6 @@ class BpeTokenizer:
 
     @classmethod
     def load(cls, path: str) -> BpeTokenizer:
-        from tokenizers import Tokenizer
-
         with open(path) as f:
             serialized = f.read()
         return cls(Tokenizer.from_str(serialized), serialized)

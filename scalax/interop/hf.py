@@ -16,11 +16,15 @@ import json
 import os
 from typing import Any
 
+import jax
+import jax.numpy as jnp
 import numpy as np
+from flax import linen as nn
+from safetensors.numpy import load_file, save_file
 
 from scalax.errors import ScalaxError
 from scalax.io import atomic_write_json
-from scalax.models import ModelConfig
+from scalax.models import Decoder, ModelConfig
 from scalax.models.decoder import stack_layers, unstack_layers
 
 ARCHITECTURES = ("GPT2LMHeadModel", "LlamaForCausalLM")
@@ -221,12 +225,6 @@ def _expected_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
     """Every tensor a Hugging Face checkpoint of this config holds, with its shape (names without GPT-2's
     `transformer.` prefix): the model's own parameter shapes (init under eval_shape, nothing allocated) run
     through the real conversion as zero-strided stand-ins."""
-    import jax
-    import jax.numpy as jnp
-    from flax import linen as nn
-
-    from scalax.models import Decoder
-
     unrolled = dataclasses.replace(cfg, scan_layers=False)
     shapes = jax.eval_shape(lambda: nn.meta.unbox(
         Decoder(unrolled).init(jax.random.key(0), jnp.zeros((1, 1), jnp.int32))["params"]))
@@ -260,8 +258,6 @@ def read_config(path: str) -> dict:
 
 def read_tensors(path: str) -> dict[str, np.ndarray]:
     """All tensors of model.safetensors, or of the shards model.safetensors.index.json lists."""
-    from safetensors.numpy import load_file
-
     index = os.path.join(path, "model.safetensors.index.json")
     if os.path.isfile(index):
         with open(index) as f:
@@ -292,8 +288,6 @@ def load(path: str, scan_layers: bool = True) -> tuple[ModelConfig, dict]:
 
 def save(cfg: ModelConfig, params: dict, path: str) -> None:
     """A directory transformers loads: config.json and model.safetensors (float32)."""
-    from safetensors.numpy import save_file
-
     hf = config_to_hf(cfg)
     tensors = params_to_hf(cfg, params)
     os.makedirs(path, exist_ok=True)

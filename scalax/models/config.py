@@ -115,6 +115,12 @@ class ModelConfig:
             raise ConfigError("model.norm_eps", f"must be positive, got {self.norm_eps}")
         if self.init_std <= 0:
             raise ConfigError("model.init_std", f"must be positive, got {self.init_std}")
+        self._validate_position()
+        if self.parallel_block and self.norm_position == "post":
+            raise ConfigError("model.parallel_block", "is only defined with norm_position='pre'")
+
+    def _validate_position(self) -> None:
+        """The keys of the positional scheme in use (RoPE's rotation and scaling, T5's buckets)."""
         if self.position == "rope":
             if not 0.0 < self.rope_fraction <= 1.0:
                 raise ConfigError("model.rope_fraction", f"must be in (0, 1], got {self.rope_fraction}")
@@ -149,8 +155,6 @@ class ModelConfig:
                     "model.t5_max_distance",
                     f"must exceed t5_num_buckets // 2 = {self.t5_num_buckets // 2}, got {self.t5_max_distance}",
                 )
-        if self.parallel_block and self.norm_position == "post":
-            raise ConfigError("model.parallel_block", "is only defined with norm_position='pre'")
 
     # ------------------------------------------------------------------ derived shapes
     @property

@@ -21,6 +21,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from scalax.errors import ConfigError
+from scalax.io import atomic_write_text
 from scalax.scaling import fit as fit_lib
 
 APPROACH_NAMES = {"approach1": "approach 1 (envelope)", "approach2": "approach 2 (IsoFLOP parabolas)",
@@ -53,8 +54,6 @@ def finished_names(records: Sequence[dict]) -> list[str]:
 
 def write_csv(path: str, runs: fit_lib.Runs, names: Sequence[str]) -> None:
     """The points a fit used, one per line, exactly (repr floats): `scalax fit --csv` of it gives the same fit."""
-    from scalax.io import atomic_write_text
-
     lines = [",".join(CSV_COLUMNS)]
     lines += [f"{name},{float(n)!r},{float(d)!r},{float(loss)!r},{float(c)!r}" for name, n, d, loss, c in
               zip(names, runs.params, runs.tokens, runs.loss, runs.flops, strict=True)]

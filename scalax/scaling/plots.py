@@ -164,7 +164,7 @@ def contours(result: dict, runs: fit_lib.Runs, directory: str) -> str:
 
 def _to_tensorboard(paths: list[str], logdir: str) -> None:
     """PNG images as TensorBoard image summaries (written with tensorboard's own protos: no TensorFlow)."""
-    from tensorboard.compat.proto import event_pb2, summary_pb2
+    from tensorboard.compat.proto import event_pb2, summary_pb2  # tensorboard: only where a figure is written
     from tensorboard.summary.writer.event_file_writer import EventFileWriter
 
     writer = EventFileWriter(logdir)

@@ -84,11 +84,11 @@ def summary(result: dict) -> str:
 
 
 def render(result: dict, records: list[dict], plot_paths: list[str], workdir: str) -> str:
+    """report.md: the summary and warnings, a table per approach, the figures, the runs."""
     conv = result["conventions"]
     lines = ["# Sweep report", "",
              f"{result['n_runs']} finished runs of {len(records)}; N = `{conv['params']}`, C = `{conv['flops']}`, "
-             f"loss = {conv['loss']}. Intervals: {result.get('approach3', {}).get('ci', {}).get('level', 0):.0%} "
-             "bootstrap over runs.", ""]
+             f"loss = {conv['loss']}; {intervals_line(result)}.", ""]
     failed = [r for r in records if r.get("status") != "finished"]
     if failed:
         lines += ["Not finished: " + ", ".join(f"{r['name']} ({r.get('status')}: {r.get('error')})" for r in failed),
@@ -99,6 +99,21 @@ def render(result: dict, records: list[dict], plot_paths: list[str], workdir: st
         lines += [f"- {w}" for w in result["warnings"]]
         lines.append("")
     lines += ["## Summary", "", "```", summary(result), "```", ""]
+    lines += _approach_sections(result)
+    lines += ["## Figures", ""]
+    lines += [f"![{os.path.basename(p)}]({os.path.relpath(p, workdir)})" for p in plot_paths]
+    lines += ["", "## Runs", "", "| name | status | N | D | C | eval loss | bits/byte | wall s |",
+              "|---|---|---|---|---|---|---|---|"]
+    for r in records:
+        lines.append(f"| {r['name']} | {r.get('status')} | {r.get(conv['params'])} | {r.get('tokens')} | "
+                     f"{_fmt(r.get(conv['flops']))} | {_fmt(r.get('eval_loss'))} | {_fmt(r.get('eval_bpb'))} | "
+                     f"{_fmt(r.get('wall_seconds'))} |")
+    return "\n".join(lines) + "\n"
+
+
+def _approach_sections(result: dict) -> list[str]:
+    """A markdown section per approach, then the prediction at the largest budget."""
+    lines = []
     if "approach3" in result:
         p = result["approach3"]
         lines += ["## Approach 3: L(N, D) = E + A/N^alpha + B/D^beta", ""]
@@ -141,12 +156,4 @@ def render(result: dict, records: list[dict], plot_paths: list[str], workdir: st
                   f"{pred['predicted_best_loss']:.4f} at C = {_fmt(pred['flops'])} (at N_opt = "
                   f"{_fmt(pred['n_opt'])}); the best run there reached {pred['observed_best_loss']:.4f}: error "
                   f"{pred['error']:+.4f} ({pred['relative_error']:+.2%}).", ""]
-    lines += ["## Figures", ""]
-    lines += [f"![{os.path.basename(p)}]({os.path.relpath(p, workdir)})" for p in plot_paths]
-    lines += ["", "## Runs", "", "| name | status | N | D | C | eval loss | bits/byte | wall s |",
-              "|---|---|---|---|---|---|---|---|"]
-    for r in records:
-        lines.append(f"| {r['name']} | {r.get('status')} | {r.get(conv['params'])} | {r.get('tokens')} | "
-                     f"{_fmt(r.get(conv['flops']))} | {_fmt(r.get('eval_loss'))} | {_fmt(r.get('eval_bpb'))} | "
-                     f"{_fmt(r.get('wall_seconds'))} |")
-    return "\n".join(lines) + "\n"
+    return lines

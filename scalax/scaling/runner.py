@@ -25,10 +25,12 @@ import sys
 import time
 
 from ml_collections import ConfigDict
+from tqdm.auto import tqdm
 
 from scalax import config as config_lib
 from scalax.errors import ConfigError
 from scalax.io import atomic_write_json, atomic_write_text, make_output_dir
+from scalax.parallel.devices import DEVICE_MEMORY
 from scalax.scaling import analysis
 from scalax.scaling import sweep as sweep_lib
 
@@ -97,8 +99,6 @@ def run_sweep(cfg: ConfigDict, workdir: str, parallel: int = 1, log=print, force
     todo = [r for r in planned if ledger.records[r.name]["status"] != FINISHED]
     log(f"sweep: {len(planned)} runs, {len(planned) - len(todo)} already finished, {len(todo)} to train "
         f"({parallel} at a time) in {workdir}")
-    from tqdm.auto import tqdm
-
     bar = tqdm(total=len(planned), initial=len(planned) - len(todo), unit="run", disable=None, file=sys.stderr)
     active: dict[str, tuple[subprocess.Popen, float, object]] = {}
     queue = list(todo)
@@ -193,8 +193,6 @@ def _does_not_fit(cfg: ConfigDict, run, workdir: str) -> str | None:
     if not device:
         return None
     config_path = _write_run_config(cfg, run, workdir)
-    from scalax.parallel.devices import DEVICE_MEMORY
-
     target = f"--device={device}" if device.lower() in DEVICE_MEMORY else f"--device-memory={device}"
     proc = subprocess.run([sys.executable, "-m", "scalax", "plan", f"--config={config_path}",
                            f"--devices={cfg.sweep.get('fit_devices', 1)}", target, "--json"],
@@ -253,7 +251,7 @@ def _result(workdir: str, name: str, returncode: int, seconds: float) -> dict:
 def finish(workdir: str, cfg: ConfigDict, log=print) -> dict:
     """Fit the finished runs (analysis.analyse, as `scalax fit DIR` does) and write fit.json, fit_runs.csv (the
     points fitted: `scalax fit --csv` of it gives the same fit), report.md and plots/."""
-    from scalax.scaling import plots, report
+    from scalax.scaling import plots, report  # matplotlib, imported only when there is something to plot
 
     records = list(Ledger(workdir).records.values())
     sweep = cfg.sweep.to_dict()

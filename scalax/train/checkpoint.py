@@ -9,6 +9,7 @@ about each one it must skip.
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import shutil
@@ -19,6 +20,7 @@ from typing import Any
 import orbax.checkpoint as ocp
 
 from scalax.errors import ScalaxError
+from scalax.io import atomic_write_json
 
 ITEMS = ("state", "data", "meta")
 
@@ -80,8 +82,6 @@ PARAMS_DIR = "params"
 
 def save_params(directory: str, config: dict, params, overwrite: bool = False) -> None:
     """A converted checkpoint: `directory/config.json` (a scalax config) and `directory/params` (orbax)."""
-    from scalax.io import atomic_write_json
-
     directory = os.path.abspath(directory)
     target = os.path.join(directory, PARAMS_DIR)
     if os.path.exists(target) and not overwrite:
@@ -96,8 +96,6 @@ def load_params(directory: str, warn=None) -> tuple[dict, Any, str]:
     """(config, parameters, where they came from) of a converted checkpoint or of a training workdir's latest
     readable step. A damaged step is reported through `warn`, one line, and the one before is read (nothing is
     moved: reading a workdir never changes it)."""
-    import json
-
     warn = warn or (lambda msg: print(msg, file=sys.stderr))
     directory = os.path.abspath(directory)
     config_path = os.path.join(directory, "config.json")

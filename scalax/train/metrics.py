@@ -55,7 +55,7 @@ class ScalarWriter:
     `EventAccumulator.Scalars` does not list.) Written with tensorboard's own protos: no TensorFlow."""
 
     def __init__(self, logdir: str):
-        from tensorboard.summary.writer.event_file_writer import EventFileWriter
+        from tensorboard.summary.writer.event_file_writer import EventFileWriter  # (slow import: process 0 only)
 
         self._writer = EventFileWriter(logdir)
 

@@ -10,9 +10,13 @@ import re
 import sys
 import traceback
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 from scalax import __version__
 from scalax.errors import ConfigError, ScalaxError
+
+if TYPE_CHECKING:  # the models pull in jax: `scalax --version` and `--help` start without it
+    from scalax.models.config import ModelConfig
 
 EXIT_USER_ERROR = 2
 EXIT_FAILED = 1
@@ -37,6 +41,17 @@ def _hyphenate(arg: str) -> str:
     if not match:
         return arg
     return match.group(1).replace("_", "-") + (match.group(2) or "")
+
+
+def _describe(model: ModelConfig) -> list[str]:
+    """Two lines: the model's shape and its features."""
+    attention = "MHA" if model.n_kv_heads == model.n_heads else ("MQA" if model.n_kv_heads == 1 else "GQA")
+    return [f"model      d_model {model.d_model}, n_layers {model.n_layers}, heads {model.n_heads} x "
+            f"{model.head_dim} ({attention}, kv heads {model.n_kv_heads}), d_ff {model.d_ff} ({model.mlp}), vocab "
+            f"{model.vocab_size}",
+            f"features   {model.norm} ({model.norm_position}-norm), position {model.position}, "
+            f"{'tied' if model.tie_embeddings else 'untied'} embeddings, biases {'on' if model.use_bias else 'off'}, "
+            f"context {model.max_seq_len}, compute {model.dtype}, params {model.param_dtype}"]
 
 
 def cmd_info(args: argparse.Namespace, overrides: list[str]) -> int:
@@ -72,13 +87,7 @@ def cmd_info(args: argparse.Namespace, overrides: list[str]) -> int:
         print(json.dumps({"model": model_cfg.to_dict(), "seq_len": seq_len, **counts,
                           "flops_per_token": per_token}, indent=2))
         return 0
-    m = model_cfg
-    attention = "MHA" if m.n_kv_heads == m.n_heads else ("MQA" if m.n_kv_heads == 1 else "GQA")
-    print(f"model      d_model {m.d_model}, n_layers {m.n_layers}, heads {m.n_heads} x {m.head_dim} "
-          f"({attention}, kv heads {m.n_kv_heads}), d_ff {m.d_ff} ({m.mlp}), vocab {m.vocab_size}")
-    print(f"features   {m.norm} ({m.norm_position}-norm), position {m.position}, "
-          f"{'tied' if m.tie_embeddings else 'untied'} embeddings, biases {'on' if m.use_bias else 'off'}, "
-          f"context {m.max_seq_len}, compute {m.dtype}, params {m.param_dtype}")
+    print("\n".join(_describe(model_cfg)))
     for key, value in counts.items():
         print(f"{key:<22} {value:>20,d}  ({value / 1e9:.3f} B)")
     print(f"FLOPs per token at seq_len {seq_len} (training: forward + backward)")
@@ -186,7 +195,7 @@ def cmd_plot(args: argparse.Namespace, overrides: list[str]) -> int:
         raise ConfigError("scalax plot", f"{args.dir} is not a sweep directory (no sweep.json)")
     cfg = config_lib.load(path, overrides)
     runner.check_sweep_config(cfg, path)
-    runner.finish(args.dir, cfg)
+    runner.fit_and_plot(args.dir, cfg)
     return 0
 
 
@@ -238,6 +247,7 @@ def cmd_convert(args: argparse.Namespace, overrides: list[str]) -> int:
 
     from scalax import config as config_lib
     from scalax.interop import hf
+    from scalax.models import presets
     from scalax.train import checkpoint
 
     if bool(args.from_hf) == bool(args.to_hf) or bool(args.from_hf) != bool(args.to) or bool(args.to_hf) != bool(
@@ -246,8 +256,7 @@ def cmd_convert(args: argparse.Namespace, overrides: list[str]) -> int:
     if args.from_hf:
         _check_target(args.to, "--to", args.force)
         model_cfg, params = hf.load(args.from_hf)
-        family = "gpt" if model_cfg.position == "learned" else "llama"
-        cfg = config_lib.build(family, None)
+        cfg = config_lib.load(f"configs/{presets.family_of(model_cfg)}.py")  # the family's experiment defaults
         cfg.model = model_cfg.to_dict()
         cfg.train.seq_len = min(model_cfg.max_seq_len, 2048)
         checkpoint.save_params(args.to, cfg.to_dict(), params, overwrite=args.force)

@@ -24,7 +24,6 @@ from scalax.data import tokenizers
 from scalax.errors import ConfigError
 from scalax.models import presets
 from scalax.models.config import ModelConfig
-from scalax.parallel.rules import DEFAULT_RULES
 
 STRUCTURE_KEYS = ("preset", "size", "d_model", "n_layers")
 
@@ -66,58 +65,6 @@ def model_fields(family: str, arg: str | None) -> dict[str, Any]:
             raise ConfigError("--config", f"unknown config argument {key!r}; allowed: {allowed}")
         section[key] = parse_value(f"model.{key}", text, section[key])
     return section
-
-
-def build(family: str, arg: str | None) -> ml_collections.ConfigDict:
-    """The whole experiment tree for a model family: `model` from the arg, then training defaults sized for
-    the small named models on one CPU (override them for anything bigger)."""
-    model = model_fields(family, arg)
-    cfg = ml_collections.ConfigDict()
-    cfg.model = model
-    cfg.train = ml_collections.ConfigDict({
-        "steps": 500,  # run length in optimizer steps ...
-        "tokens": 0,  # ... or in tokens, when positive (steps = ceil(tokens / (batch_size * seq_len)))
-        "batch_size": 16,  # global batch, in sequences
-        "seq_len": model["max_seq_len"],
-        "microbatches": 1,  # gradient accumulation: the batch is split into this many sequential parts
-        "z_loss": 0.0,  # weight of log(Z)^2, PaLM's auxiliary loss (0: off)
-        "seed": 0,
-        "log_every": 10,
-        "eval_every": 100,
-        "eval_windows": 64,  # fixed validation windows per evaluation
-        "checkpoint_every": 100,
-        "keep_checkpoints": 3,
-    })
-    cfg.optim = ml_collections.ConfigDict({
-        "lr": 3e-3,
-        "schedule": "cosine",  # cosine | wsd | constant (each after a linear warmup)
-        "warmup_steps": 50,
-        "final_lr_fraction": 0.1,  # the schedule ends at lr * this, exactly at the run's last step
-        "wsd_decay_fraction": 0.2,  # wsd: the share of steps spent cooling down at the end
-        "b1": 0.9,
-        "b2": 0.95,
-        "eps": 1e-8,
-        "weight_decay": 0.1,
-        "decay_embeddings": False,  # norms and biases are never decayed
-        "grad_clip": 1.0,  # global-norm clipping (0: off)
-    })
-    cfg.data = ml_collections.ConfigDict({
-        "corpus": "stdlib",  # stdlib | a text file | a directory | a glob | a .jsonl file
-        "text_field": "text",  # the JSONL field holding each document's text
-        "tokenizer": "byte",  # byte | bpe
-        "bpe_vocab_size": 4096,
-        "val_fraction": 0.02,
-        "cache_dir": "~/.cache/scalax/tokens",
-        "prefetch": 16,
-    })
-    cfg.mesh = ml_collections.ConfigDict(mesh_section())
-    return cfg
-
-
-def mesh_section() -> dict:
-    """The `mesh` section: axis sizes (-1: the devices left over; the product must be the device count) and
-    the logical axis rules (parallel/rules.py). The default is pure data parallelism over every device."""
-    return {"data": -1, "fsdp": 1, "tensor": 1, "rules": [list(rule) for rule in DEFAULT_RULES]}
 
 
 # ---------------------------------------------------------------------- loading and overriding
@@ -164,6 +111,16 @@ def load(spec: str, overrides: Sequence[str] = ()) -> ml_collections.ConfigDict:
     for item in overrides:
         apply_override(cfg, item)
     return cfg
+
+
+def import_config(name: str, beside: str):
+    """The config module NAME.py from the folder of the config file `beside` (configs/common.py, say), for
+    pieces that several config files share."""
+    path = os.path.join(os.path.dirname(os.path.abspath(beside)), f"{name}.py")
+    module_spec = importlib.util.spec_from_file_location(f"scalax_config_{name}_{abs(hash(path))}", path)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    return module
 
 
 def apply_override(cfg: ml_collections.ConfigDict, item: str) -> None:

@@ -24,7 +24,7 @@ from safetensors.numpy import load_file, save_file
 
 from scalax.errors import ScalaxError
 from scalax.io import atomic_write_json
-from scalax.models import Decoder, ModelConfig
+from scalax.models import Decoder, ModelConfig, presets
 from scalax.models.decoder import stack_layers, unstack_layers
 
 ARCHITECTURES = ("GPT2LMHeadModel", "LlamaForCausalLM")
@@ -50,10 +50,10 @@ def config_from_hf(hf: dict, where: str = "config.json") -> ModelConfig:
             if hf.get(key):
                 raise ConversionError(f"{where}: {key}=true is not supported")
         d = hf["n_embd"]
-        return ModelConfig(vocab_size=hf["vocab_size"], d_model=d, n_layers=hf["n_layer"], n_heads=hf["n_head"],
-                           d_ff=hf.get("n_inner") or 4 * d, max_seq_len=hf["n_positions"], norm="layernorm",
-                           mlp="gelu", use_bias=True, position="learned", tie_embeddings=True,
-                           norm_eps=hf.get("layer_norm_epsilon", 1e-5), dtype="float32")
+        return ModelConfig(**{**presets.FAMILY_FEATURES["gpt"], **presets.COMMON_FEATURES, **dict(
+            vocab_size=hf["vocab_size"], d_model=d, n_layers=hf["n_layer"], n_heads=hf["n_head"],
+            d_ff=hf.get("n_inner") or 4 * d, max_seq_len=hf["n_positions"],
+            norm_eps=hf.get("layer_norm_epsilon", 1e-5), dtype="float32")})
     if hf.get("hidden_act", "silu") != "silu":
         raise ConversionError(f"{where}: hidden_act {hf['hidden_act']!r} is not supported; allowed: silu")
     for key in ("attention_bias", "mlp_bias"):
@@ -64,12 +64,12 @@ def config_from_hf(hf: dict, where: str = "config.json") -> ModelConfig:
     if rope_type not in ROPE_TYPES:
         raise ConversionError(f"{where}: unsupported rope type {rope_type!r}; allowed: {', '.join(ROPE_TYPES)}")
     theta = rope.get("rope_theta", hf.get("rope_theta", 10000.0))
-    fields: dict[str, Any] = dict(
+    fields: dict[str, Any] = {**presets.FAMILY_FEATURES["llama"], **presets.COMMON_FEATURES, **dict(
         vocab_size=hf["vocab_size"], d_model=hf["hidden_size"], n_layers=hf["num_hidden_layers"],
         n_heads=hf["num_attention_heads"], n_kv_heads=hf.get("num_key_value_heads") or hf["num_attention_heads"],
-        d_ff=hf["intermediate_size"], max_seq_len=hf["max_position_embeddings"], norm="rmsnorm", mlp="swiglu",
-        use_bias=False, position="rope", tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
-        norm_eps=hf.get("rms_norm_eps", 1e-6), rope_theta=float(theta), dtype="float32")
+        d_ff=hf["intermediate_size"], max_seq_len=hf["max_position_embeddings"],
+        tie_embeddings=bool(hf.get("tie_word_embeddings", False)), norm_eps=hf.get("rms_norm_eps", 1e-6),
+        rope_theta=float(theta), dtype="float32")}
     if hf.get("head_dim"):
         fields["head_dim"] = hf["head_dim"]
     if rope_type == "llama3":
@@ -82,13 +82,12 @@ def config_from_hf(hf: dict, where: str = "config.json") -> ModelConfig:
 
 def _family(cfg: ModelConfig) -> str:
     """Which Hugging Face architecture a scalax config is, by its features (refusing what is neither)."""
-    gpt = dict(norm="layernorm", mlp="gelu", use_bias=True, position="learned", tie_embeddings=True,
-               n_kv_heads=cfg.n_heads, head_dim=cfg.d_model // cfg.n_heads)
-    llama = dict(norm="rmsnorm", mlp="swiglu", use_bias=False, position="rope", rope_fraction=1.0)
-    common = dict(norm_position="pre", parallel_block=False, qk_norm=False, share_layers=False)
-    for name, features in (("GPT2LMHeadModel", gpt), ("LlamaForCausalLM", llama)):
-        if all(getattr(cfg, k) == v for k, v in {**features, **common}.items()):
-            return name
+    family = presets.family_of(cfg)
+    # beyond the family's features, what each Hugging Face class cannot express
+    if family == "gpt" and cfg.n_kv_heads == cfg.n_heads and cfg.head_dim == cfg.d_model // cfg.n_heads:
+        return "GPT2LMHeadModel"
+    if family == "llama" and cfg.rope_fraction == 1.0:
+        return "LlamaForCausalLM"
     raise ConversionError("this model is neither GPT-2 shaped (layernorm, gelu, biases, learned positions, tied "
                           "embeddings, MHA) nor LLaMA shaped (rmsnorm, swiglu, no biases, full RoPE), pre-norm "
                           "and without qk-norm, parallel blocks or shared layers; transformers has no class for it")

@@ -20,9 +20,28 @@ LLAMA3_VOCAB = 128256
 # Families and named sizes take the vocabulary of the configured tokenizer (vocab_size 0 means that).
 FROM_TOKENIZER = 0
 
-_GPT = dict(norm="layernorm", norm_eps=1e-5, mlp="gelu", use_bias=True, position="learned",
-            tie_embeddings=True)
-_LLAMA = dict(norm="rmsnorm", mlp="swiglu", use_bias=False, position="rope", tie_embeddings=False)
+# The two families as feature bundles, defined here once: presets, the parametric families, Hugging Face
+# interop (family_of) and the CLI read them.
+FAMILY_FEATURES: dict[str, dict[str, Any]] = {
+    "gpt": dict(norm="layernorm", norm_eps=1e-5, mlp="gelu", use_bias=True, position="learned",
+                tie_embeddings=True),
+    "llama": dict(norm="rmsnorm", mlp="swiglu", use_bias=False, position="rope", tie_embeddings=False),
+}
+_GPT, _LLAMA = FAMILY_FEATURES["gpt"], FAMILY_FEATURES["llama"]
+# What neither family varies: pre-norm blocks, one norm per sublayer, no qk-norm, no shared layers.
+COMMON_FEATURES = dict(norm_position="pre", parallel_block=False, qk_norm=False, share_layers=False)
+# Keys a family may set either way (LLaMA checkpoints come tied or untied).
+FREE_FEATURES = {"llama": ("tie_embeddings",), "gpt": ()}
+
+
+def family_of(cfg) -> str | None:
+    """The family whose features a ModelConfig has ('gpt', 'llama'), or None (norm_eps aside)."""
+    for name, features in FAMILY_FEATURES.items():
+        wanted = {k: v for k, v in {**features, **COMMON_FEATURES}.items()
+                  if k != "norm_eps" and k not in FREE_FEATURES[name]}
+        if all(getattr(cfg, k) == v for k, v in wanted.items()):
+            return name
+    return None
 
 
 def _gpt2(d_model: int, n_layers: int, n_heads: int) -> dict[str, Any]:

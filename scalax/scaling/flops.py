@@ -26,9 +26,9 @@ import numpy as np
 from flax import linen as nn
 
 from scalax.models.config import ModelConfig
+from scalax.models.param_groups import EMBEDDING_MODULES
 
 CONVENTIONS = ("6n", "6n_head", "6n_head_attn", "exact")
-EMBEDDING_PARAMS = ("embed", "head", "pos_embed")  # top-level parameter names that count as embedding
 
 
 # ---------------------------------------------------------------------- parameter counts
@@ -80,7 +80,7 @@ def count_params(params: Mapping) -> dict[str, int]:
         return int(sum(np.prod(x.shape, dtype=np.int64) for x in jax.tree.leaves(tree)))
 
     total = size(params)
-    embedding = sum(size(params[k]) for k in EMBEDDING_PARAMS if k in params)
+    embedding = sum(size(params[k]) for k in EMBEDDING_MODULES if k in params)
     return {"params_total": total, "params_embedding": embedding, "params_non_embedding": total - embedding}
 
 

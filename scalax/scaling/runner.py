@@ -135,7 +135,7 @@ def run_sweep(cfg: ConfigDict, workdir: str, parallel: int = 1, log=print, force
             proc.send_signal(signal.SIGTERM)
         for proc, _, _ in active.values():
             proc.wait()
-    return finish(workdir, cfg, log)
+    return fit_and_plot(workdir, cfg, log)
 
 
 def _replace_changed_runs(cfg: ConfigDict, planned: list, workdir: str, ledger: Ledger, force: bool, log) -> None:
@@ -248,7 +248,7 @@ def _result(workdir: str, name: str, returncode: int, seconds: float) -> dict:
     return {"status": status, "error": error, "returncode": returncode, "wall_seconds": seconds}
 
 
-def finish(workdir: str, cfg: ConfigDict, log=print) -> dict:
+def fit_and_plot(workdir: str, cfg: ConfigDict, log=print) -> dict:
     """Fit the finished runs (analysis.analyse, as `scalax fit DIR` does) and write fit.json, fit_runs.csv (the
     points fitted: `scalax fit --csv` of it gives the same fit), report.md and plots/."""
     from scalax.scaling import plots, report  # matplotlib, imported only when there is something to plot

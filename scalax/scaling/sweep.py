@@ -41,61 +41,72 @@ class PlannedRun:
 
 def plan(cfg: ConfigDict) -> list[PlannedRun]:
     """The runs of a sweep config (sections `sweep` and `base`)."""
-    s = cfg.sweep
-    if s.kind not in KINDS:
-        raise ConfigError("sweep.kind", f"unknown sweep kind {s.kind!r}; allowed: {', '.join(KINDS)}")
-    ladder.check_params_key(s.params)
-    if s.flops not in flops.CONVENTIONS:
-        raise ConfigError("sweep.flops", f"unknown convention {s.flops!r}; allowed: {', '.join(flops.CONVENTIONS)}")
-    base_model = config_lib.model_config(cfg.base)
-    seq_len = cfg.base.train.seq_len
-    family = s.family
-    if s.kind == "isoflop":
-        if s.n_budgets <= 0 or s.sizes_per_budget <= 0:
-            raise ConfigError("sweep.n_budgets" if s.n_budgets <= 0 else "sweep.sizes_per_budget",
-                              "the grid is empty; allowed: positive integers")
-        if not 0 < s.budget_min <= s.budget_max:
-            raise ConfigError("sweep.budget_min", f"need 0 < budget_min <= budget_max, got {s.budget_min} and "
-                              f"{s.budget_max}")
-        budgets = np.geomspace(s.budget_min, s.budget_max, s.n_budgets)
-        max_n = math.sqrt(budgets[-1] / (6 * s.tokens_per_param)) * s.span * 4
-        shapes = ladder.candidates(family, base_model.vocab_size, base_model.max_seq_len, max_n, s.params,
-                                   base_model.position, s.get("d_model_step", 64), s.get("head_dim", 64))
-        runs = []
-        for c in budgets:
-            n_opt = math.sqrt(c / (6 * s.tokens_per_param))
-            targets = list(n_opt * s.span ** np.linspace(-1, 1, s.sizes_per_budget))
-            chosen = ladder.nearest_shapes(targets, shapes, s.params)
-            for shape in chosen:
-                tokens = c / flops.flops_per_token(shape.model, seq_len, s.flops)
-                run = _run(cfg, shape, tokens, c, f"C{c:.2e}-{shape.name}")
-                if run is not None:
-                    runs.append(run)
-            if not any(r.budget == c for r in runs):
-                batch = ladder.batch_sequences(c, seq_len, _multiple(cfg))
-                raise ConfigError("sweep.budget_min", f"the budget {c:.3g} FLOPs is too small for any {family} "
-                                  f"model: the smallest ({shapes[0].name if shapes else 'd64-l1'}) needs at least "
-                                  f"one step of {batch} x {seq_len} tokens")
-        return runs
-    if s.sizes <= 0:
-        raise ConfigError("sweep.sizes", "the grid is empty; allowed: a positive integer")
-    shapes = ladder.candidates(family, base_model.vocab_size, base_model.max_seq_len, s.n_max * 2, s.params,
-                               base_model.position, s.get("d_model_step", 64), s.get("head_dim", 64))
-    chosen = ladder.nearest_shapes(list(np.geomspace(s.n_min, s.n_max, s.sizes)), shapes, s.params)
+    sweep_cfg = cfg.sweep
+    if sweep_cfg.kind not in KINDS:
+        raise ConfigError("sweep.kind", f"unknown sweep kind {sweep_cfg.kind!r}; allowed: {', '.join(KINDS)}")
+    ladder.check_params_key(sweep_cfg.params)
+    if sweep_cfg.flops not in flops.CONVENTIONS:
+        raise ConfigError("sweep.flops", f"unknown convention {sweep_cfg.flops!r}; allowed: "
+                          f"{', '.join(flops.CONVENTIONS)}")
+    return (_isoflop_runs if sweep_cfg.kind == "isoflop" else _size_runs)(cfg)
+
+
+def _shapes(cfg: ConfigDict, max_n: float) -> list[ladder.Shape]:
+    """The ladder's shapes of the sweep's family up to max_n parameters, with the base model's vocabulary,
+    context and positional scheme."""
+    base_model, sweep_cfg = config_lib.model_config(cfg.base), cfg.sweep
+    return ladder.candidates(sweep_cfg.family, base_model.vocab_size, base_model.max_seq_len, max_n,
+                             sweep_cfg.params, base_model.position, sweep_cfg.get("d_model_step", 64),
+                             sweep_cfg.get("head_dim", 64))
+
+
+def _isoflop_runs(cfg: ConfigDict) -> list[PlannedRun]:
+    sweep_cfg, seq_len = cfg.sweep, cfg.base.train.seq_len
+    if sweep_cfg.n_budgets <= 0 or sweep_cfg.sizes_per_budget <= 0:
+        raise ConfigError("sweep.n_budgets" if sweep_cfg.n_budgets <= 0 else "sweep.sizes_per_budget",
+                          "the grid is empty; allowed: positive integers")
+    if not 0 < sweep_cfg.budget_min <= sweep_cfg.budget_max:
+        raise ConfigError("sweep.budget_min", f"need 0 < budget_min <= budget_max, got {sweep_cfg.budget_min} and "
+                          f"{sweep_cfg.budget_max}")
+    budgets = np.geomspace(sweep_cfg.budget_min, sweep_cfg.budget_max, sweep_cfg.n_budgets)
+    shapes = _shapes(cfg, math.sqrt(budgets[-1] / (6 * sweep_cfg.tokens_per_param)) * sweep_cfg.span * 4)
     runs = []
-    for shape in chosen:
-        n = shape.params(s.params)
-        token_counts = [s.tokens] if s.kind == "fixed_tokens" else [r * n for r in s.ratios]
+    for c in budgets:
+        n_opt = math.sqrt(c / (6 * sweep_cfg.tokens_per_param))
+        targets = list(n_opt * sweep_cfg.span ** np.linspace(-1, 1, sweep_cfg.sizes_per_budget))
+        for shape in ladder.nearest_shapes(targets, shapes, sweep_cfg.params):
+            tokens = c / flops.flops_per_token(shape.model, seq_len, sweep_cfg.flops)
+            run = _planned_run(cfg, shape, tokens, c, f"C{c:.2e}-{shape.name}")
+            if run is not None:
+                runs.append(run)
+        if not any(r.budget == c for r in runs):
+            batch = ladder.batch_sequences(c, seq_len, _multiple(cfg))
+            raise ConfigError("sweep.budget_min", f"the budget {c:.3g} FLOPs is too small for any "
+                              f"{sweep_cfg.family} model: the smallest ({shapes[0].name if shapes else 'd64-l1'}) "
+                              f"needs at least one step of {batch} x {seq_len} tokens")
+    return runs
+
+
+def _size_runs(cfg: ConfigDict) -> list[PlannedRun]:
+    """fixed_tokens and tokens_per_param: sizes log-spaced over [n_min, n_max], each at its token counts."""
+    sweep_cfg, seq_len = cfg.sweep, cfg.base.train.seq_len
+    if sweep_cfg.sizes <= 0:
+        raise ConfigError("sweep.sizes", "the grid is empty; allowed: a positive integer")
+    targets = list(np.geomspace(sweep_cfg.n_min, sweep_cfg.n_max, sweep_cfg.sizes))
+    runs = []
+    for shape in ladder.nearest_shapes(targets, _shapes(cfg, sweep_cfg.n_max * 2), sweep_cfg.params):
+        n = shape.params(sweep_cfg.params)
+        token_counts = [sweep_cfg.tokens] if sweep_cfg.kind == "fixed_tokens" else [r * n for r in sweep_cfg.ratios]
         for tokens in token_counts:
-            c = tokens * flops.flops_per_token(shape.model, seq_len, s.flops)
-            run = _run(cfg, shape, tokens, c, f"{shape.name}-D{tokens:.2e}")
+            c = tokens * flops.flops_per_token(shape.model, seq_len, sweep_cfg.flops)
+            run = _planned_run(cfg, shape, tokens, c, f"{shape.name}-D{tokens:.2e}")
             if run is None:
                 raise ConfigError("sweep.tokens", f"{tokens:.3g} tokens is less than one step for {shape.name}")
             runs.append(run)
     return runs
 
 
-def _run(cfg: ConfigDict, shape: ladder.Shape, tokens: float, budget: float, name: str) -> PlannedRun | None:
+def _planned_run(cfg: ConfigDict, shape: ladder.Shape, tokens: float, budget: float, name: str) -> PlannedRun | None:
     """One run: shape, batch and lr by the ladder's rules, steps from the token count (None if < 1 step)."""
     seq_len = cfg.base.train.seq_len
     batch = ladder.batch_sequences(budget, seq_len, _multiple(cfg))

@@ -17,9 +17,9 @@ import jax.numpy as jnp
 import optax
 
 from scalax.errors import ConfigError
+from scalax.models.param_groups import TABLE_LEAVES
 
 SCHEDULES = ("cosine", "wsd", "constant")
-EMBEDDING_LEAVES = ("embedding", "pos_embed", "relpos_bias")  # token, position and relative-position tables
 
 
 def validate(optim_cfg, total_steps: int) -> None:
@@ -68,7 +68,7 @@ def decay_mask(params, decay_embeddings: bool = False):
 
     def decays(path, _):
         name = path[-1].key
-        return name == "kernel" or (decay_embeddings and name in EMBEDDING_LEAVES)
+        return name == "kernel" or (decay_embeddings and name in TABLE_LEAVES)
 
     return jax.tree_util.tree_map_with_path(decays, params)
 

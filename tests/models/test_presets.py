@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from scalax.config import build, model_config
+from scalax.config import load, model_config
 from scalax.models import Decoder, ModelConfig, presets
 from scalax.scaling import flops
 
@@ -65,7 +65,7 @@ def test_preset_published_hyperparameters(name, published):
 @pytest.mark.parametrize("family", presets.FAMILIES)
 @pytest.mark.parametrize("size", sorted(presets.SIZES))
 def test_named_sizes_follow_family_rules(family, size):
-    cfg = model_config(build(family, f"size={size}"))
+    cfg = model_config(load(f"configs/{family}.py:size={size}"))
     d_model, n_layers, _ = presets.SIZES[size]
     assert (cfg.d_model, cfg.n_layers, cfg.head_dim) == (d_model, n_layers, presets.HEAD_DIM)
     assert cfg.d_ff == (4 * d_model if family == "gpt" else presets.llama_d_ff(d_model))

@@ -4,7 +4,7 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from scalax.config import build, model_config
+from scalax.config import load, model_config
 from scalax.models import Decoder, ModelConfig
 from scalax.scaling import flops
 
@@ -40,7 +40,7 @@ def test_causal_attention_is_half_of_full(deepseek_shape):
 
 
 def test_6n_is_six_times_non_embedding_and_exact_close_for_large_models():
-    cfg = model_config(build("llama", "preset=llama2-70b"))
+    cfg = model_config(load("configs/llama.py:preset=llama2-70b"))
     assert flops.flops_per_token(cfg, 4096, "6n") == 6 * flops.params_non_embedding(cfg)
     # For a large model at moderate context the conventions agree within a few percent (Hoffmann et al. table A4).
     exact, approx = flops.flops_per_token(cfg, 2048, "exact"), flops.flops_per_token(cfg, 2048, "6n_head_attn")
@@ -48,7 +48,7 @@ def test_6n_is_six_times_non_embedding_and_exact_close_for_large_models():
 
 
 def test_shared_layers_count_every_use():
-    shared = model_config(build("gpt", "size=small")).replace(share_layers=True)
+    shared = model_config(load("configs/gpt.py:size=small")).replace(share_layers=True)
     unshared = shared.replace(share_layers=False)
     assert flops.params_non_embedding(shared) < flops.params_non_embedding(unshared)
     for convention in flops.CONVENTIONS:
@@ -57,7 +57,7 @@ def test_shared_layers_count_every_use():
 
 def test_unknown_convention_refused():
     with pytest.raises(ValueError, match="6n_head_attn"):
-        flops.flops_per_token(model_config(build("gpt", "")), 16, "7n")
+        flops.flops_per_token(model_config(load("configs/gpt.py")), 16, "7n")
 
 
 @pytest.mark.parametrize("family", ["gpt", "llama"])
@@ -65,7 +65,7 @@ def test_unknown_convention_refused():
 def test_forward_flops_agree_with_xla_cost_analysis(family, seq_len):
     """XLA counts the unrolled forward pass's FLOPs (a scanned loop body would count once); its embedding is
     a gather, not the matmul appendix F counts, so that term is left out."""
-    cfg = model_config(build(family, "size=tiny")).replace(dtype="float32", scan_layers=False)
+    cfg = model_config(load(f"configs/{family}.py:size=tiny")).replace(dtype="float32", scan_layers=False)
     tokens = jnp.zeros((1, seq_len), jnp.int32)
     params = jax.eval_shape(Decoder(cfg).init, jax.random.key(0), tokens)["params"]
     compiled = jax.jit(lambda p, t: Decoder(cfg).apply({"params": p}, t)).lower(params, tokens).compile()

@@ -7,14 +7,14 @@ import numpy as np
 import pytest
 from ml_collections import ConfigDict
 
-from scalax.config import build
+from scalax.config import load
 from scalax.errors import ConfigError
 from scalax.train import optim
 from tests.conftest import init_params, small_config
 
 
 def optim_config(**changes) -> ConfigDict:
-    cfg = build("gpt", "").optim
+    cfg = load("configs/gpt.py").optim
     cfg.update(changes)
     return cfg
 

@@ -6,7 +6,7 @@ import numpy as np
 import optax
 import pytest
 
-from scalax.config import build
+from scalax.config import load
 from scalax.models import Decoder
 from scalax.train import optim
 from scalax.train.state import TrainState
@@ -18,7 +18,7 @@ def setup(microbatches=1, z_loss=0.0, family="llama", sgd=False):
     """A small model's state and jitted step; `sgd`: plain SGD (lr 1), whose update is minus the gradient."""
     cfg = small_config(family)
     model = Decoder(cfg)
-    ocfg = build("gpt", "").optim
+    ocfg = load("configs/gpt.py").optim
     ocfg.update(warmup_steps=0, lr=1e-2)
     tx = optax.sgd(1.0) if sgd else optim.optimizer(ocfg, 10)
     step = jax.jit(make_train_step(model, tx, optim.schedule(ocfg, 10), microbatches, z_loss))

@@ -12,7 +12,7 @@ import traceback
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
-from scalax import __version__
+from scalax import __version__, io
 from scalax.errors import ConfigError, ScalaxError
 
 if TYPE_CHECKING:  # the models pull in jax: `scalax --version` and `--help` start without it
@@ -129,14 +129,13 @@ def cmd_prepare(args: argparse.Namespace, overrides: list[str]) -> int:
 def cmd_sweep(args: argparse.Namespace, overrides: list[str]) -> int:
     """Run (or resume) a sweep, then fit and plot; exit status 1 when a run did not finish."""
     from scalax import config as config_lib
-    from scalax.io import check_output_dir
     from scalax.scaling import runner
 
     if args.parallel <= 0:
         raise ConfigError("--parallel", f"must be a positive integer, got {args.parallel}")
     cfg = config_lib.load(args.config, overrides)
     runner.check_sweep_config(cfg)
-    check_output_dir(args.workdir, "--workdir")
+    io.check_output_dir(args.workdir, "--workdir")
     runner.run_sweep(cfg, args.workdir, args.parallel, force=args.force)
     unfinished = runner.Ledger(args.workdir).unfinished()
     if unfinished:
@@ -149,10 +148,11 @@ def cmd_sweep(args: argparse.Namespace, overrides: list[str]) -> int:
 
 def _sweep_of(directory: str) -> dict:
     """The `sweep` section of a sweep directory's sweep.json ({} when it has none)."""
-    path = os.path.join(directory, "sweep.json")
-    if not os.path.isfile(path):
-        return {}
     from scalax import config as config_lib
+
+    path = io.join(directory, "sweep.json")
+    if not io.isfile(path):
+        return {}
 
     cfg = config_lib.load(path)
     return cfg.sweep.to_dict() if "sweep" in cfg else {}
@@ -168,7 +168,8 @@ def cmd_fit(args: argparse.Namespace, overrides: list[str]) -> int:
     if args.csv:
         runs, sweep, conventions = fit_lib.read_csv(args.csv), {}, None
     else:
-        if not os.path.isdir(args.dir):
+        io.check_input(args.dir, "scalax fit")
+        if not io.isdir(args.dir):
             raise ConfigError("scalax fit", f"no such directory: {args.dir}")
         ledger = runner.Ledger(args.dir)
         if not ledger.records:
@@ -190,8 +191,9 @@ def cmd_plot(args: argparse.Namespace, overrides: list[str]) -> int:
     from scalax import config as config_lib
     from scalax.scaling import runner
 
-    path = os.path.join(args.dir, "sweep.json")
-    if not os.path.isfile(path):
+    io.check_input(args.dir, "scalax plot")
+    path = io.join(args.dir, "sweep.json")
+    if not io.isfile(path):
         raise ConfigError("scalax plot", f"{args.dir} is not a sweep directory (no sweep.json)")
     cfg = config_lib.load(path, overrides)
     runner.check_sweep_config(cfg, path)
@@ -227,7 +229,6 @@ def cmd_plan(args: argparse.Namespace, overrides: list[str]) -> int:
 def _check_target(path: str, key: str, force: bool) -> None:
     """Refuse to write a checkpoint or an export into a file, a training workdir, or a non-empty directory,
     unless --force."""
-    from scalax.io import check_output_dir
 
     if os.path.exists(path) and not os.path.isdir(path):
         raise ConfigError(key, f"{path} is a file; allowed: a new or empty directory")
@@ -236,7 +237,7 @@ def _check_target(path: str, key: str, force: bool) -> None:
                 "a checkpoint" if os.path.exists(os.path.join(path, "params")) else "not empty")
         raise ConfigError(key, f"{path} is {what}; writing there would replace its files. Allowed: a new or empty "
                           "directory, or --force to overwrite")
-    check_output_dir(path, key)
+    io.check_output_dir(path, key)
 
 
 def cmd_convert(args: argparse.Namespace, overrides: list[str]) -> int:

@@ -20,6 +20,7 @@ from typing import Any
 
 import ml_collections
 
+from scalax import io
 from scalax.data import tokenizers
 from scalax.errors import ConfigError
 from scalax.models import presets
@@ -70,11 +71,13 @@ def model_fields(family: str, arg: str | None) -> dict[str, Any]:
 # ---------------------------------------------------------------------- loading and overriding
 def load(spec: str, overrides: Sequence[str] = ()) -> ml_collections.ConfigDict:
     """Load `path.py[:arg]`, call its get_config(arg), then apply `--config.KEY=VALUE` overrides."""
-    path, _, arg = spec.partition(":")
-    if path.endswith(".json") and os.path.isfile(path):  # a resolved config, as runs and sweeps write them
+    path, arg = _split_spec(spec)
+    if path.endswith(".json") and (io.is_remote(path) or os.path.isfile(path)):  # a resolved config, as runs
+        io.check_input(path, "--config")                                           # and sweeps write them
+        if not io.isfile(path):
+            raise ConfigError("--config", f"no such config file: {path}")
         try:
-            with open(path) as f:
-                cfg = ml_collections.ConfigDict(json.load(f))
+            cfg = ml_collections.ConfigDict(json.loads(io.read_text(path)))
         except (ValueError, TypeError) as e:
             raise ConfigError("--config", f"{path} is not a JSON config tree: {e}") from None
         for item in overrides:
@@ -111,6 +114,16 @@ def load(spec: str, overrides: Sequence[str] = ()) -> ml_collections.ConfigDict:
     for item in overrides:
         apply_override(cfg, item)
     return cfg
+
+
+def _split_spec(spec: str) -> tuple[str, str]:
+    """PATH.py:ARG -> (PATH.py, ARG); a URL's own colon (gs://...) is not an ARG separator."""
+    prefix = ""
+    if "://" in spec:
+        prefix, spec = spec.split("://", 1)
+        prefix += "://"
+    path, _, arg = spec.partition(":")
+    return prefix + path, arg
 
 
 def import_config(name: str, beside: str):

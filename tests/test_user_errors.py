@@ -113,7 +113,7 @@ def test_workdirs_that_cannot_hold_a_run(capsys, tmp_path, corpus):
         os.chmod(tmp_path / "ro", 0o555)
         readonly = str(tmp_path / "ro" / "run")
     for workdir, words in ((tmp_path / "file", "is a file"), (readonly, "cannot write to"),
-                           ("gs://bucket/run", "gs:// paths are not supported yet")):
+                           ("s3://bucket/run", "unknown URL scheme s3://")):
         rc, _, err = run_cli(capsys, "train", "--config=configs/llama.py", f"--workdir={workdir}", *TRAIN_ARGS,
                              f"--config.data.corpus={root}", f"--config.data.cache_dir={cache}")
         assert rc == cli.EXIT_USER_ERROR

@@ -24,12 +24,12 @@ import csv
 import dataclasses
 import itertools
 import math
-import os
 from collections.abc import Sequence
 
 import numpy as np
 from scipy import optimize
 
+from scalax import io
 from scalax.errors import ConfigError
 
 HUBER_DELTA = 1e-3
@@ -67,10 +67,10 @@ class Runs:
 
 def read_csv(path: str) -> Runs:
     """Runs from a CSV with columns params, tokens, loss (and optionally flops)."""
-    if not os.path.isfile(path):
+    io.check_input(path, "--csv")
+    if not io.isfile(path):
         raise ConfigError("--csv", f"no such file: {path}")
-    with open(path, newline="") as f:
-        rows = list(csv.DictReader(f))
+    rows = list(csv.DictReader(io.read_text(path).splitlines()))
     columns = set(rows[0]) if rows else set()
     missing = [c for c in ("params", "tokens", "loss") if c not in columns]
     if missing:

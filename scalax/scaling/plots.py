@@ -5,6 +5,7 @@ contours with the runs on top. PNG and SVG, and the PNGs into TensorBoard as ima
 from __future__ import annotations
 
 import os
+from io import BytesIO
 
 import matplotlib
 
@@ -13,6 +14,7 @@ import matplotlib.pyplot as plt
 import matplotlib.ticker
 import numpy as np
 
+from scalax import io
 from scalax.scaling import fit as fit_lib
 from scalax.scaling.analysis import MIN_PARABOLA_POINTS
 
@@ -31,28 +33,28 @@ def _legend(ax) -> None:
 
 
 def _save(fig, directory: str, name: str) -> str:
-    os.makedirs(directory, exist_ok=True)
     for ax in fig.axes:  # on log axes spanning less than a decade matplotlib labels minor ticks, and they collide
         for axis in (ax.xaxis, ax.yaxis):
             if axis.get_scale() == "log":
                 axis.set_minor_formatter(matplotlib.ticker.NullFormatter())
     fig.tight_layout()
     for ext in ("png", "svg"):
-        fig.savefig(os.path.join(directory, f"{name}.{ext}"), dpi=120)
+        buffer = BytesIO()
+        fig.savefig(buffer, format=ext, dpi=120)
+        io.atomic_write_bytes(io.join(directory, f"{name}.{ext}"), buffer.getvalue())
     plt.close(fig)
-    return os.path.join(directory, f"{name}.png")
+    return io.join(directory, f"{name}.png")
 
 
 def plot_all(result: dict, runs: fit_lib.Runs, directory: str) -> list[str]:
     """Every figure of a fit; figures from an earlier fit that no longer apply are removed."""
     for stale in ("law_contours.png", "law_contours.svg"):
-        if os.path.exists(os.path.join(directory, stale)):
-            os.remove(os.path.join(directory, stale))
+        io.remove(io.join(directory, stale))
     paths = [isoflop(result, runs, directory), optimal_vs_compute(result, runs, directory),
              loss_vs_compute(result, runs, directory)]
     if _ok(result, "approach3") and fit_lib.has_frontier(result["approach3"]):
         paths.append(contours(result, runs, directory))
-    _to_tensorboard(paths, os.path.join(directory, "tensorboard"))
+    _to_tensorboard(paths, io.join(directory, "tensorboard"))
     return paths
 
 
@@ -167,13 +169,14 @@ def _to_tensorboard(paths: list[str], logdir: str) -> None:
     from tensorboard.compat.proto import event_pb2, summary_pb2  # tensorboard: only where a figure is written
     from tensorboard.summary.writer.event_file_writer import EventFileWriter
 
-    writer = EventFileWriter(logdir)
+    mirrored = io.MirroredDir(logdir)
+    writer = EventFileWriter(mirrored.local)
     for path in paths:
-        with open(path, "rb") as f:
-            png = f.read()
-        height, width = plt.imread(path).shape[:2]
+        png = io.read_bytes(path)
+        height, width = plt.imread(BytesIO(png), format="png").shape[:2]
         image = summary_pb2.Summary.Image(height=height, width=width, colorspace=4, encoded_image_string=png)
         summary = summary_pb2.Summary(value=[summary_pb2.Summary.Value(
             tag=os.path.splitext(os.path.basename(path))[0], image=image)])
         writer.add_event(event_pb2.Event(step=0, summary=summary))
     writer.close()
+    mirrored.sync()

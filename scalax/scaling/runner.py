@@ -28,8 +28,8 @@ from ml_collections import ConfigDict
 from tqdm.auto import tqdm
 
 from scalax import config as config_lib
+from scalax import io
 from scalax.errors import ConfigError
-from scalax.io import atomic_write_json, atomic_write_text, make_output_dir
 from scalax.parallel.devices import DEVICE_MEMORY
 from scalax.scaling import analysis
 from scalax.scaling import sweep as sweep_lib
@@ -47,22 +47,25 @@ def _die_with_parent() -> None:
 
 
 class Ledger:
+    """DIR/runs.jsonl, read once and replaced whole on every change; on GCS under a generation precondition,
+    so a second runner on the same sweep fails in one line instead of undoing the first one's records."""
+
     def __init__(self, workdir: str):
-        self.path = os.path.join(workdir, "runs.jsonl")
+        self.path = io.join(workdir, "runs.jsonl")
         self.records: dict[str, dict] = {}
-        if os.path.exists(self.path):
-            with open(self.path) as f:
-                for line_no, line in enumerate(f, 1):
-                    if line.strip():
-                        try:
-                            record = json.loads(line)
-                            self.records[record["name"]] = record
-                        except (ValueError, KeyError, TypeError):
-                            raise ConfigError("runs.jsonl", f"{self.path}:{line_no} is not a run record (a JSON "
-                                              "object with a name); the ledger was edited or damaged") from None
+        data, self._version = io.read_versioned(self.path)
+        for line_no, line in enumerate((data or b"").decode().splitlines(), 1):
+            if line.strip():
+                try:
+                    record = json.loads(line)
+                    self.records[record["name"]] = record
+                except (ValueError, KeyError, TypeError):
+                    raise ConfigError("runs.jsonl", f"{self.path}:{line_no} is not a run record (a JSON "
+                                      "object with a name); the ledger was edited or damaged") from None
 
     def _write(self) -> None:
-        atomic_write_text(self.path, "".join(json.dumps(r) + "\n" for r in self.records.values()))
+        text = "".join(json.dumps(r) + "\n" for r in self.records.values())
+        self._version = io.write_versioned(self.path, text.encode(), self._version)
 
     def update(self, run_name: str, **fields) -> None:
         self.records.setdefault(run_name, {"name": run_name}).update(fields)
@@ -89,10 +92,10 @@ def run_sweep(cfg: ConfigDict, workdir: str, parallel: int = 1, log=print, force
     config changed (or that left the grid) are moved to DIR/replaced/ and trained again."""
     check_sweep_config(cfg)
     planned = sweep_lib.plan(cfg)
-    make_output_dir(os.path.join(workdir, "runs"), "--workdir")
+    io.make_output_dir(io.join(workdir, "runs"), "--workdir")
     ledger = Ledger(workdir)
     _replace_changed_runs(cfg, planned, workdir, ledger, force, log)
-    atomic_write_json(os.path.join(workdir, "sweep.json"), cfg.to_dict())
+    io.atomic_write_json(io.join(workdir, "sweep.json"), cfg.to_dict())
     for run in planned:  # the plan is recorded before anything runs; finished records keep their results
         if ledger.records.get(run.name, {}).get("status") != FINISHED:
             ledger.update(run.name, **run.record(), status=PENDING)
@@ -124,6 +127,7 @@ def run_sweep(cfg: ConfigDict, workdir: str, parallel: int = 1, log=print, force
                 del active[name]
                 for line in tail():
                     log(f"[{name}] {line}")
+                _upload_log(workdir, name)
                 ledger.update(name, **_result(workdir, name, proc.returncode, time.time() - started))
                 status = ledger.records[name]["status"]
                 log(f"[{name}] {status}" + (f": {ledger.records[name].get('error', '')}" if status != FINISHED
@@ -140,23 +144,20 @@ def run_sweep(cfg: ConfigDict, workdir: str, parallel: int = 1, log=print, force
 
 def _replace_changed_runs(cfg: ConfigDict, planned: list, workdir: str, ledger: Ledger, force: bool, log) -> None:
     """Compare the planned grid with the one in the workdir: runs added, removed, or whose config changed."""
-    path = os.path.join(workdir, "sweep.json")
-    if not os.path.exists(path):
+    path = io.join(workdir, "sweep.json")
+    if not io.exists(path):
         return
-    with open(path) as f:
-        changed = config_lib.diff(json.load(f), config_lib.plain(cfg))
+    changed = config_lib.diff(io.read_json(path), config_lib.plain(cfg))
     if not changed:
         return
     wanted = {run.name: config_lib.plain(sweep_lib.run_config(cfg, run)) for run in planned}
     stale = []  # recorded runs that are not in the new grid, or whose run config differs
     for name in ledger.records:
-        config_path = os.path.join(workdir, "runs", name, "run_config.json")
+        config_path = io.join(workdir, "runs", name, "run_config.json")
         if name not in wanted:
             stale.append(name)
-        elif os.path.exists(config_path):
-            with open(config_path) as f:
-                if json.load(f) != wanted[name]:
-                    stale.append(name)
+        elif io.exists(config_path) and io.read_json(config_path) != wanted[name]:
+            stale.append(name)
     added = [name for name in wanted if name not in ledger.records]
     what = "; ".join(changed[:4]) + ("; ..." if len(changed) > 4 else "")
     if not stale and not added:
@@ -166,21 +167,37 @@ def _replace_changed_runs(cfg: ConfigDict, planned: list, workdir: str, ledger: 
         raise ConfigError(changed[0].split(":")[0], f"{workdir} holds a sweep with another grid ({what}: "
                           f"{len(added)} run(s) added, {len(stale)} removed or changed). Use another --workdir, or "
                           "--force to move the runs that changed to DIR/replaced/ and train the new grid there")
-    aside = os.path.join(workdir, "replaced", time.strftime("%Y%m%d-%H%M%S"))
+    aside = io.join(workdir, "replaced", time.strftime("%Y%m%d-%H%M%S"))
     for name in stale:
-        run_dir = os.path.join(workdir, "runs", name)
-        if os.path.isdir(run_dir):
-            os.makedirs(aside, exist_ok=True)
-            os.replace(run_dir, os.path.join(aside, name))
+        run_dir = io.join(workdir, "runs", name)
+        if io.isdir(run_dir):
+            io.move(run_dir, io.join(aside, name))
         ledger.remove(name)
     log(f"sweep: the grid changed ({what}); --force: {len(stale)} run(s) removed or changed (moved to {aside}), "
         f"{len(added)} added")
 
 
+def _log_path(workdir: str, name: str) -> str:
+    """Where a run's train.log is written: DIR/runs/NAME/train.log, or its local mirror for a gs:// DIR (the
+    child's output must go to a local file; a restart on another machine first fetches what the bucket holds);
+    uploaded to DIR/runs/NAME when the run ends."""
+    run_dir = io.join(workdir, "runs", name)
+    local = os.path.join(io.local_mirror(run_dir), "train.log")
+    if io.is_remote(run_dir) and not os.path.exists(local) and io.exists(io.join(run_dir, "train.log")):
+        io.atomic_write_bytes(local, io.read_bytes(io.join(run_dir, "train.log")))
+    return local
+
+
+def _upload_log(workdir: str, name: str) -> None:
+    run_dir = io.join(workdir, "runs", name)
+    if io.is_remote(run_dir) and os.path.exists(_log_path(workdir, name)):
+        io.upload(_log_path(workdir, name), io.join(run_dir, "train.log"))
+
+
 def _start(cfg: ConfigDict, run, workdir: str) -> tuple[subprocess.Popen, float]:
     config_path = _write_run_config(cfg, run, workdir)
-    run_dir = os.path.dirname(config_path)
-    with open(os.path.join(run_dir, "train.log"), "a") as log_file:  # the child keeps its own descriptor
+    run_dir = io.join(workdir, "runs", run.name)
+    with open(_log_path(workdir, run.name), "a") as log_file:  # the child keeps its own descriptor
         proc = subprocess.Popen([sys.executable, "-m", "scalax", "train", f"--config={config_path}",
                                  f"--workdir={run_dir}"], stdout=log_file, stderr=subprocess.STDOUT,
                                 preexec_fn=_die_with_parent, env={**os.environ, "PYTHONUNBUFFERED": "1"})
@@ -208,16 +225,14 @@ def _does_not_fit(cfg: ConfigDict, run, workdir: str) -> str | None:
 
 def _write_run_config(cfg: ConfigDict, run, workdir: str) -> str:
     """DIR/runs/NAME/run_config.json: the base config with the run's overrides; returns its path."""
-    run_dir = os.path.join(workdir, "runs", run.name)
-    os.makedirs(run_dir, exist_ok=True)
-    config_path = os.path.join(run_dir, "run_config.json")
-    atomic_write_json(config_path, sweep_lib.run_config(cfg, run).to_dict())
+    config_path = io.join(workdir, "runs", run.name, "run_config.json")
+    io.atomic_write_json(config_path, sweep_lib.run_config(cfg, run).to_dict())
     return config_path
 
 
 def _tail(workdir: str, name: str):
     """A function returning the run's new log lines (the eval lines and errors) since it was last called."""
-    path = os.path.join(workdir, "runs", name, "train.log")
+    path = _log_path(workdir, name)
     state = {"offset": os.path.getsize(path) if os.path.exists(path) else 0}
 
     def new_lines() -> list[str]:
@@ -234,14 +249,12 @@ def _tail(workdir: str, name: str):
 
 
 def _result(workdir: str, name: str, returncode: int, seconds: float) -> dict:
-    run_dir = os.path.join(workdir, "runs", name)
-    summary_path = os.path.join(run_dir, "summary.json")
-    if returncode == 0 and os.path.exists(summary_path):
-        with open(summary_path) as f:
-            s = json.load(f)
+    summary_path = io.join(workdir, "runs", name, "summary.json")
+    if returncode == 0 and io.exists(summary_path):
+        s = io.read_json(summary_path)
         return {"status": FINISHED, "eval_loss": s["eval_loss"], "eval_loss_se": s["eval_loss_se"],
                 "eval_bpb": s["eval_bpb"], "wall_seconds": s["wall_seconds"], "error": None}
-    with open(os.path.join(run_dir, "train.log"), errors="replace") as f:
+    with open(_log_path(workdir, name), errors="replace") as f:
         lines = [line.strip() for line in f if line.strip()]
     error = lines[-1] if lines else f"exit status {returncode}"
     status = DIVERGED if returncode == 3 else (PENDING if returncode == 143 else FAILED)
@@ -261,10 +274,10 @@ def fit_and_plot(workdir: str, cfg: ConfigDict, log=print) -> dict:
         return {}
     result = analysis.analyse(runs_for_fit, bootstrap=sweep["bootstrap"], seed=sweep["seed"],
                               conventions_used=analysis.conventions(sweep))
-    atomic_write_json(os.path.join(workdir, "fit.json"), jsonable(result))
-    analysis.write_csv(os.path.join(workdir, "fit_runs.csv"), runs_for_fit, analysis.finished_names(records))
-    paths = plots.plot_all(result, runs_for_fit, os.path.join(workdir, "plots"))
-    atomic_write_text(os.path.join(workdir, "report.md"), report.render(result, records, paths, workdir))
+    io.atomic_write_json(io.join(workdir, "fit.json"), jsonable(result))
+    analysis.write_csv(io.join(workdir, "fit_runs.csv"), runs_for_fit, analysis.finished_names(records))
+    paths = plots.plot_all(result, runs_for_fit, io.join(workdir, "plots"))
+    io.atomic_write_text(io.join(workdir, "report.md"), report.render(result, records, paths, workdir))
     log(report.summary(jsonable(result)))
     log(f"sweep: fitted {len(runs_for_fit)} runs; wrote {workdir}/fit.json, fit_runs.csv, report.md and plots/")
     return result

@@ -11,23 +11,21 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import os
-import shutil
 import sys
 import time
 from typing import Any
 
 import orbax.checkpoint as ocp
 
+from scalax import io
 from scalax.errors import ScalaxError
-from scalax.io import atomic_write_json
 
 ITEMS = ("state", "data", "meta")
 
 
 class Checkpointer:
     def __init__(self, workdir: str, keep: int, async_save: bool = True):
-        self.directory = os.path.join(os.path.abspath(workdir), "checkpoints")
+        self.directory = io.join(io.abspath(workdir), "checkpoints")  # orbax writes gs:// itself (tensorstore)
         options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=async_save, create=True)
         self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=ITEMS)
 
@@ -61,10 +59,9 @@ class Checkpointer:
 
     def _set_aside(self, step: int) -> str:
         """Move a damaged step out of the manager's way (kept, not deleted) so the step can be saved again."""
-        source = os.path.join(self.directory, str(step))
-        target = os.path.join(os.path.dirname(self.directory), "checkpoints_unreadable", f"{step}-{time.time_ns()}")
-        os.makedirs(os.path.dirname(target), exist_ok=True)
-        shutil.move(source, target)
+        source = io.join(self.directory, str(step))
+        target = io.join(self.directory + "_unreadable", f"{step}-{time.time_ns()}")
+        io.move(source, target)
         self.manager.reload()
         return target
 
@@ -82,14 +79,14 @@ PARAMS_DIR = "params"
 
 def save_params(directory: str, config: dict, params, overwrite: bool = False) -> None:
     """A converted checkpoint: `directory/config.json` (a scalax config) and `directory/params` (orbax)."""
-    directory = os.path.abspath(directory)
-    target = os.path.join(directory, PARAMS_DIR)
-    if os.path.exists(target) and not overwrite:
+    directory = io.abspath(directory)
+    target = io.join(directory, PARAMS_DIR)
+    if io.exists(target) and not overwrite:
         raise CheckpointError(f"{directory} already holds a checkpoint ({PARAMS_DIR}/); choose another --to")
-    os.makedirs(directory, exist_ok=True)
+    io.makedirs(directory)
     with ocp.StandardCheckpointer() as checkpointer:
         checkpointer.save(target, params, force=overwrite)
-    atomic_write_json(os.path.join(directory, "config.json"), config)
+    io.atomic_write_json(io.join(directory, "config.json"), config)
 
 
 def load_params(directory: str, warn=None) -> tuple[dict, Any, str]:
@@ -97,24 +94,24 @@ def load_params(directory: str, warn=None) -> tuple[dict, Any, str]:
     readable step. A damaged step is reported through `warn`, one line, and the one before is read (nothing is
     moved: reading a workdir never changes it)."""
     warn = warn or (lambda msg: print(msg, file=sys.stderr))
-    directory = os.path.abspath(directory)
-    config_path = os.path.join(directory, "config.json")
-    if not os.path.isfile(config_path):
+    io.check_input(directory, "checkpoint")
+    directory = io.abspath(directory)
+    config_path = io.join(directory, "config.json")
+    if not io.isfile(config_path):
         raise CheckpointError(f"{directory}: no config.json; expected a training workdir (scalax train) or a "
                               "converted checkpoint (scalax convert)")
     try:
-        with open(config_path) as f:
-            config = json.load(f)
+        config = json.loads(io.read_text(config_path))
     except ValueError as e:
         raise CheckpointError(f"{config_path} is not valid JSON ({e})") from None
-    if os.path.isdir(os.path.join(directory, PARAMS_DIR)):
+    if io.isdir(io.join(directory, PARAMS_DIR)):
         try:
             with quiet_orbax(), ocp.StandardCheckpointer() as checkpointer:
-                params = checkpointer.restore(os.path.join(directory, PARAMS_DIR))
+                params = checkpointer.restore(io.join(directory, PARAMS_DIR))
         except Exception as e:
             raise CheckpointError(f"{directory}/{PARAMS_DIR} is unreadable ({_first_line(e)})") from e
         return config, params, f"{directory}/{PARAMS_DIR}"
-    if os.path.isdir(os.path.join(directory, "checkpoints")):
+    if io.isdir(io.join(directory, "checkpoints")):
         manager = Checkpointer(directory, keep=1_000_000, async_save=False)
         try:
             for step in reversed(manager.steps()):

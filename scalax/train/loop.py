@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
-import os
 import signal
 import sys
 import time
@@ -22,9 +21,9 @@ import numpy as np
 from ml_collections import ConfigDict
 
 from scalax import config as config_lib
+from scalax import io
 from scalax.data import corpora, pipeline
 from scalax.errors import ScalaxError
-from scalax.io import atomic_write_json, check_output_dir, make_output_dir
 from scalax.scaling import flops
 from scalax.train import resume
 from scalax.train.checkpoint import Checkpointer
@@ -82,12 +81,12 @@ def load_data(cfg: ConfigDict, run: RunSetup, log) -> corpora.TokenSplits:
 def train(cfg: ConfigDict, workdir: str, log=_log, allow_changes: bool = False) -> dict:
     """Train (or resume) the run that `cfg` describes in `workdir`; returns a summary of its end. A resume
     with another length or optimizer is refused unless `allow_changes` (resume.check_same_run)."""
-    check_output_dir(workdir, "--workdir")
+    io.check_output_dir(workdir, "--workdir")
     run = setup_run(cfg)
     data = load_data(cfg, run, log)
     resolved = resolved_config(cfg)
     resolved["data"]["tokenizer_hash"] = data.tokenizer.hash
-    make_output_dir(workdir, "--workdir")
+    io.make_output_dir(workdir, "--workdir")
     checkpointer = Checkpointer(workdir, cfg.train.keep_checkpoints)
     try:
         _check_resumable(checkpointer, resolved, workdir, allow_changes, log)
@@ -134,7 +133,7 @@ class Trainer:
         self.state, self.counters, self.start = self._restore()
         self.last_saved = self.start if self.start else None
         if self.writer:
-            atomic_write_json(os.path.join(workdir, "config.json"), resolved)
+            io.atomic_write_json(io.join(workdir, "config.json"), resolved)
         self.metrics_log = MetricsLog(workdir, enabled=self.writer)
         self.metrics_log.truncate_after(self.start)
         self.per_token = flops.all_flops_per_token(run.model, train_cfg.seq_len)
@@ -206,6 +205,7 @@ class Trainer:
     def save(self, step: int) -> None:
         meta = {"config": self.resolved, "counters": dataclasses.asdict(self.counters)}
         self.checkpointer.save(step, self.state, self.batches.get_state(), meta)
+        self.metrics_log.flush()  # TensorBoard's events up to the checkpoint (uploaded, on a gs:// workdir)
         self.last_saved = step
 
     # ------------------------------------------------------------------ the loop
@@ -230,7 +230,7 @@ class Trainer:
             summary.update(status="finished", step=steps, tokens=self.counters.tokens,
                            wall_seconds=self.counters.wall_seconds, **self.counters.flops(self.per_token))
             if self.writer:
-                atomic_write_json(os.path.join(self.workdir, "summary.json"), summary)
+                io.atomic_write_json(io.join(self.workdir, "summary.json"), summary)
             return summary
         finally:
             progress.close()

@@ -1,18 +1,22 @@
 """What a run reports: metrics.jsonl (one JSON object per logged step), TensorBoard scalars, and the peak
-FLOP/s that MFU is measured against. Only process 0 writes."""
+FLOP/s that MFU is measured against. Only process 0 writes.
+
+On a gs:// workdir metrics.jsonl is replaced by one upload per record (GCS objects cannot be appended to), and
+TensorBoard's event files, which its writer appends to, are written in a local mirror (io.local_mirror) and
+uploaded whole to WORKDIR/tensorboard at every flush (each log step and the end): TensorBoard reads them
+from the bucket."""
 
 from __future__ import annotations
 
 import json
 import math
-import os
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from scalax.io import atomic_write_text
+from scalax import io
 
 # Dense bf16 peak FLOP/s per device, by a substring of jax's device_kind (vendor data sheets).
 PEAK_FLOPS = {
@@ -57,7 +61,8 @@ class ScalarWriter:
     def __init__(self, logdir: str):
         from tensorboard.summary.writer.event_file_writer import EventFileWriter  # (slow import: process 0 only)
 
-        self._writer = EventFileWriter(logdir)
+        self._dir = io.MirroredDir(logdir)
+        self._writer = EventFileWriter(self._dir.local)
 
     def add_scalar(self, tag: str, value: float, step: int) -> None:
         from tensorboard.compat.proto import event_pb2, summary_pb2
@@ -67,9 +72,11 @@ class ScalarWriter:
 
     def flush(self) -> None:
         self._writer.flush()
+        self._dir.sync()
 
     def close(self) -> None:
         self._writer.close()
+        self._dir.sync()
 
 
 class MetricsLog:
@@ -77,22 +84,21 @@ class MetricsLog:
 
     def __init__(self, workdir: str, enabled: bool = True):
         self.enabled = enabled
-        self.path = os.path.join(workdir, "metrics.jsonl")
-        self._tb = ScalarWriter(os.path.join(workdir, "tensorboard")) if enabled else None
+        self.path = io.join(workdir, "metrics.jsonl")
+        self._tb = ScalarWriter(io.join(workdir, "tensorboard")) if enabled else None
 
     def truncate_after(self, step: int) -> None:
         """On resume: drop records of steps after the restored checkpoint, so each step appears once."""
-        if not self.enabled or not os.path.exists(self.path):
+        if not self.enabled or not io.exists(self.path):
             return
-        with open(self.path) as f:
-            records = [line for line in f if (s := _step_of(line)) is not None and s <= step]
-        atomic_write_text(self.path, "".join(records))
+        lines = io.read_text(self.path).splitlines(keepends=True)
+        io.atomic_write_text(self.path, "".join(line for line in lines if (s := _step_of(line)) is not None
+                                                and s <= step))
 
     def write(self, record: dict) -> None:
         if not self.enabled:
             return
-        with open(self.path, "a") as f:
-            f.write(json.dumps(record) + "\n")
+        io.append_text(self.path, json.dumps(record) + "\n")
         step = record["step"]
         for key, value in record.items():
             if key != "step" and isinstance(value, (int, float)) and np.isfinite(value):

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from scalax import config as config_lib
+from scalax import io
 from scalax.errors import ConfigError
 from scalax.scaling import flops, ladder
 from scalax.scaling import sweep as sweep_lib
@@ -101,15 +102,17 @@ def sweep_command(workdir, corpus, cache):
 
 
 def ledger(workdir):
-    path = os.path.join(workdir, "runs.jsonl")
-    if not os.path.exists(path):
+    path = io.join(str(workdir), "runs.jsonl")
+    if not io.exists(path):
         return []
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+    return [json.loads(line) for line in io.read_text(path).splitlines() if line.strip()]
 
 
 @pytest.mark.slow
-def test_sweep_killed_and_restarted_records_each_run_once(tmp_path, capsys):
+@pytest.mark.parametrize("where", ["local", "gs"])
+def test_sweep_killed_and_restarted_records_each_run_once(tmp_path, capsys, where, request):
+    """Also with the sweep's workdir on gs:// (the emulator): ledger, runs, fit, report and plots on the
+    bucket, and `fit` and `plot` reading it from there."""
     corpus = tmp_path / "corpus"
     corpus.mkdir()
     import glob
@@ -117,9 +120,9 @@ def test_sweep_killed_and_restarted_records_each_run_once(tmp_path, capsys):
 
     for path in sorted(glob.glob(os.path.join(sysconfig.get_paths()["stdlib"], "*.py")))[:40]:
         (corpus / os.path.basename(path)).write_bytes(open(path, "rb").read())
-    workdir = tmp_path / "sweep"
+    workdir = str(tmp_path / "sweep") if where == "local" else request.getfixturevalue("bucket") + "/sweep"
     cmd = sweep_command(workdir, corpus, tmp_path / "cache")
-    env = ONE_DEVICE
+    env = {**os.environ, **ONE_DEVICE}  # (the emulator's variables, for gs://)
     proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             start_new_session=True)
     deadline = time.time() + 300
@@ -139,12 +142,13 @@ def test_sweep_killed_and_restarted_records_each_run_once(tmp_path, capsys):
     for name, record in first.items():  # finished runs were not trained again
         assert {k: v for k, v in ledger(workdir)[[r["name"] for r in records].index(name)].items()} == record
     assert f"{len(first)} already finished" in again.stdout
-    for name in ("fit.json", "report.md", "plots/isoflop.png", "plots/isoflop.svg", "plots/loss_vs_compute.png"):
-        assert os.path.exists(workdir / name), name
+    for name in ("fit.json", "report.md", "plots/isoflop.png", "plots/isoflop.svg", "plots/loss_vs_compute.png",
+                 f"runs/{records[0]['name']}/train.log"):
+        assert io.exists(io.join(workdir, name)), name
     # every run's logged learning rate ends at its own final value, at its own last step
     for r in records:
-        with open(workdir / "runs" / r["name"] / "metrics.jsonl") as f:
-            train = [json.loads(line) for line in f if '"loss"' in line]
+        lines = io.read_text(io.join(workdir, "runs", r["name"], "metrics.jsonl")).splitlines()
+        train = [json.loads(line) for line in lines if '"loss"' in line]
         assert train[-1]["step"] == r["overrides"]["train.steps"]
         assert train[-1]["lr"] == pytest.approx(r["overrides"]["optim.lr"] * 0.1, rel=1e-5)
     # One fit whichever command asks: the sweep's fit.json, `fit DIR`, `fit --csv` of its export, `plot`.
@@ -152,8 +156,7 @@ def test_sweep_killed_and_restarted_records_each_run_once(tmp_path, capsys):
 
     def fit_numbers(path=None, *argv):
         if path is None:
-            with open(workdir / "fit.json") as f:
-                result = json.load(f)
+            result = io.read_json(io.join(workdir, "fit.json"))
         else:
             assert cli.main(["fit", *map(str, argv), "--json"]) == 0
             result = json.loads(capsys.readouterr().out)
@@ -162,10 +165,12 @@ def test_sweep_killed_and_restarted_records_each_run_once(tmp_path, capsys):
     swept = fit_numbers()
     assert swept["approach3"]["ci"]["alpha"]["n"] > 1 and swept["n_runs"] == 6
     assert fit_numbers("dir", workdir) == swept
-    assert fit_numbers("csv", "--csv", workdir / "fit_runs.csv", "--bootstrap", 10, "--seed", 0) == swept
-    assert cli.main(["plot", str(workdir)]) == 0
+    assert fit_numbers("csv", "--csv", io.join(workdir, "fit_runs.csv"), "--bootstrap", 10, "--seed", 0) == swept
+    io.remove(io.join(workdir, "plots"))
+    assert cli.main(["plot", workdir]) == 0
     capsys.readouterr()
     assert fit_numbers() == swept
+    assert {"isoflop.png", "isoflop.svg", "tensorboard"} <= set(io.listdir(io.join(workdir, "plots")))
 
 
 def test_report_and_plots_from_a_known_law(tmp_path):

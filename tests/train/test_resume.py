@@ -11,6 +11,7 @@ import time
 
 import pytest
 
+from scalax import io
 from tests.conftest import REPO
 
 pytestmark = pytest.mark.slow
@@ -43,22 +44,21 @@ def run(cmd, timeout=300):
 
 
 def losses(workdir) -> dict[int, float]:
+    """Every logged training loss of a workdir (local or gs://), each step once."""
     out = {}
-    with open(os.path.join(workdir, "metrics.jsonl")) as f:
-        for line in f:
-            record = json.loads(line)
-            if "loss" in record:
-                assert record["step"] not in out, f"step {record['step']} logged twice"
-                out[record["step"]] = record["loss"]
+    for line in io.read_text(io.join(workdir, "metrics.jsonl")).splitlines():
+        record = json.loads(line)
+        if "loss" in record:
+            assert record["step"] not in out, f"step {record['step']} logged twice"
+            out[record["step"]] = record["loss"]
     return out
 
 
 def last_step(workdir) -> int:
-    path = os.path.join(workdir, "metrics.jsonl")
-    if not os.path.exists(path):
+    path = io.join(workdir, "metrics.jsonl")
+    if not io.exists(path):
         return 0
-    with open(path) as f:
-        steps = [json.loads(line)["step"] for line in f if line.strip().endswith("}")]
+    steps = [json.loads(line)["step"] for line in io.read_text(path).splitlines() if line.strip().endswith("}")]
     return max(steps, default=0)
 
 
@@ -81,7 +81,7 @@ def interrupt_after(cmd, step, sig):
     while last_step(workdir) < step:
         assert proc.poll() is None, f"the run ended before step {step}: {proc.communicate()[1]}"
         assert time.time() < deadline, "timed out waiting for the run"
-        time.sleep(0.01)
+        time.sleep(0.05 if io.is_remote(workdir) else 0.01)
     proc.send_signal(sig)
     _, err = proc.communicate(timeout=120)
     return proc, err
@@ -125,6 +125,47 @@ def test_truncated_latest_checkpoint_falls_back(corpus, reference, tmp_path):
     assert sorted(first) == list(range(1, 31))
     assert losses(workdir) == first
     assert os.listdir(os.path.join(workdir, "checkpoints_unreadable"))  # the damaged step is kept aside
+
+
+def test_run_on_a_bucket_resumes_bit_for_bit_and_falls_back(corpus, reference, bucket):
+    """A workdir on gs:// (the emulator): killed mid-run, the run resumes from the bucket, every loss equal to
+    the uninterrupted local run's; then a damaged final checkpoint on the bucket falls back to the one before."""
+    workdir = f"{bucket}/runs/a"
+    cmd = command(corpus, workdir)
+    proc, err = interrupt_after(cmd, 35, signal.SIGKILL)
+    assert proc.returncode == -signal.SIGKILL and last_step(workdir) < STEPS, err
+    assert not os.path.exists(os.path.join(REPO, "gs:"))  # nothing written locally under the URL's name
+    again = run(cmd)
+    assert again.returncode == 0, again.stderr
+    assert "resuming" in again.stdout
+    assert losses(workdir) == reference[1]
+    assert {"config.json", "summary.json", "metrics.jsonl", "checkpoints", "tensorboard"} <= set(io.listdir(workdir))
+    # TensorBoard's own reader reads the scalars back from the bucket's event files (downloaded as they lie)
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    local = os.path.join(os.path.dirname(corpus[1]), f"tb-{os.path.basename(bucket)}")
+    os.makedirs(local, exist_ok=True)
+    for name in io.listdir(f"{workdir}/tensorboard"):
+        with open(os.path.join(local, name), "wb") as f:
+            f.write(io.read_bytes(f"{workdir}/tensorboard/{name}"))
+    acc = EventAccumulator(local)
+    acc.Reload()
+    tb = {e.step: e.value for e in acc.Scalars("train/loss")}
+    assert set(tb) == set(range(1, STEPS + 1))
+    assert all(abs(tb[s] - loss) <= 1e-6 * abs(loss) for s, loss in reference[1].items())  # float32 in events
+    # Damage every array file of the final checkpoint on the bucket, as an interrupted upload would.
+    fs = io._fs(workdir)
+    files = [f"gs://{p}" for p in fs.find(f"{workdir}/checkpoints/{STEPS}/state") if "/d/" in p]
+    assert files
+    for path in files:
+        data = io.read_bytes(path)
+        io.atomic_write_bytes(path, data[: len(data) // 2])
+    proc = run(cmd)
+    assert proc.returncode == 0, proc.stderr
+    assert f"checkpoint step {STEPS} is unreadable" in proc.stdout + proc.stderr
+    assert f"from step {STEPS - 10}" in proc.stdout
+    assert losses(workdir) == reference[1]  # the last 10 steps trained again, equal
+    assert io.listdir(f"{workdir}/checkpoints_unreadable")
 
 
 def test_changed_model_config_is_refused(corpus, reference):

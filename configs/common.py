@@ -25,8 +25,9 @@ def experiment(family: str, arg: str | None) -> ml_collections.ConfigDict:
         "log_every": 10,  # steps between metrics records
         "eval_every": 100,  # steps between evaluations (and at the last step)
         "eval_windows": 64,  # fixed validation windows per evaluation
-        "checkpoint_every": 100,
-        "keep_checkpoints": 3,
+        "checkpoint_every": 100,  # steps between kept checkpoints ...
+        "keep_checkpoints": 3,  # ... of which the newest this many stay
+        "checkpoint_minutes": 0.0,  # also save after this much wall time, replacing the previous such save (0: off)
     })
     cfg.optim = ml_collections.ConfigDict({
         "lr": 3e-3,  # the peak learning rate

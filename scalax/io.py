@@ -130,8 +130,9 @@ def getsize(path: str) -> int:
 
 
 def read_bytes(path: str) -> bytes:
-    with _fs(path).open(path, "rb") as f:
-        return f.read()
+    """The whole file. On GCS one GET of one generation: opening it would fetch the size first and then ranges,
+    which tear when a writer replaces the object in between (a ledger read while the runner records a run)."""
+    return _fs(path).cat_file(path)
 
 
 def read_text(path: str, errors: str = "strict") -> str:
@@ -258,6 +259,11 @@ def _blob(path: str):
 
 
 # ---------------------------------------------------------------------- local copies of remote files
+def cache_root() -> str:
+    """This machine's scalax cache: $SCALAX_CACHE, else ~/.cache/scalax (mirrors, the measured CPU peak)."""
+    return os.path.expanduser(os.environ.get("SCALAX_CACHE", "~/.cache/scalax"))
+
+
 def local_mirror(path: str) -> str:
     """A local directory that stands for `path`: `path` itself when local; for a URL a fixed directory under
     ~/.cache/scalax/mirror (the same one every time, so a restarted process finds what it wrote there), for
@@ -265,7 +271,7 @@ def local_mirror(path: str) -> str:
     if not is_remote(path):
         return path
     digest = hashlib.sha256(path.rstrip("/").encode()).hexdigest()[:16]
-    root = os.path.join(os.path.expanduser(os.environ.get("SCALAX_CACHE", "~/.cache/scalax")), "mirror")
+    root = os.path.join(cache_root(), "mirror")
     local = os.path.join(root, f"{bucket(path)}-{digest}")
     os.makedirs(local, exist_ok=True)
     return local

@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from scalax import io
@@ -78,6 +79,19 @@ def test_url_mistakes_are_one_line(bucket):
     assert io.listdir(f"{bucket}/new/run") == []
 
 
+def test_a_bucket_that_may_not_be_written_is_one_line(bucket, monkeypatch):
+    """The emulator grants every write, so the refusal GCS gives an account without storage.objects.create (gcsfs
+    raises it as a PermissionError) is played by a fake upload; the probe write turns it into one line."""
+    def refuse(path, data):
+        raise PermissionError(f"Forbidden: scalax@example.iam does not have storage.objects.create access to {path}."
+                              "\nmore detail")
+
+    monkeypatch.setattr(io, "atomic_write_bytes", refuse)
+    with pytest.raises(ConfigError, match=r"^--workdir: cannot write to gs://.*/run: Forbidden: .* does not have "
+                                          r"storage.objects.create access to .*\.$"):
+        io.make_output_dir(f"{bucket}/run", "--workdir")
+
+
 def _cli(*argv, env):
     return subprocess.run([sys.executable, "-m", "scalax", *argv], cwd=REPO, capture_output=True, text=True,
                           timeout=120, env=env)
@@ -98,3 +112,35 @@ def test_cli_names_the_bucket_problem_in_one_line(bucket, tmp_path):
     proc = _cli("fit", f"{bucket}/sweep", env=bare)
     assert proc.returncode == 2 and "no Google Cloud credentials found" in proc.stderr, proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_token_cache_on_a_bucket_is_built_once_and_read_elsewhere(bucket, tmp_path, monkeypatch):
+    """A gs:// data.cache_dir: the first machine tokenizes (a BPE trained too) and uploads; a second machine
+    (an empty local mirror) reads the bucket's cache without tokenizing; both equal a local cache's streams."""
+    from ml_collections import ConfigDict
+
+    from scalax.data import corpora
+
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for i in range(12):
+        (corpus / f"doc{i}.txt").write_text(f"document {i}: " + "the quick brown fox jumps over a lazy dog " * (i + 3))
+
+    def load(cache_dir, machine):
+        monkeypatch.setenv("SCALAX_CACHE", str(tmp_path / machine))
+        cfg = ConfigDict({"corpus": str(corpus), "text_field": "text", "val_fraction": 0.25, "tokenizer": "bpe",
+                          "bpe_vocab_size": 300, "cache_dir": cache_dir})
+        lines = []
+        return corpora.load_splits(cfg, log=lines.append), lines
+
+    local, _ = load(str(tmp_path / "local-cache"), "first")
+    first, first_log = load(f"{bucket}/cache", "first")
+    second, second_log = load(f"{bucket}/cache", "second")
+    assert any("tokenizing" in line for line in first_log)
+    assert not any("tokenizing" in line or "training" in line for line in second_log), second_log
+    [name] = io.listdir(f"{bucket}/cache")
+    assert io.listdir(f"{bucket}/cache/{name}") == ["header.json", "tokenizer.json", "train.bin", "val.bin"]
+    for splits in (first, second):
+        assert splits.tokenizer.hash == local.tokenizer.hash and splits.header == local.header
+        np.testing.assert_array_equal(splits.train, local.train)
+        np.testing.assert_array_equal(splits.val, local.val)

@@ -8,7 +8,9 @@ a text file, a directory (every file below it, sorted), a glob, or a JSONL file 
 
 Token caches: each split tokenized once into a flat array (uint16, or uint32 for vocabularies over 65,536)
 with a JSON header (tokenizer hash, corpus fingerprint, counts), written atomically and reused while the
-corpus and tokenizer are unchanged; read back memory-mapped.
+corpus and tokenizer are unchanged; read back memory-mapped. A `gs://` cache_dir is read and built through a
+local mirror (io.local_mirror): the bucket's cache is downloaded when the mirror lacks it or holds another
+version, and a cache built here is uploaded, its header last (a header on the bucket means a complete cache).
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from collections.abc import Iterator
 
 import numpy as np
 
+from scalax import io
 from scalax.data.tokenizers import BpeTokenizer, ByteTokenizer, bpe_path, check_name
 from scalax.errors import ConfigError
 from scalax.io import atomic_write_bytes, atomic_write_json
@@ -157,7 +160,36 @@ def check_text(corpus: str, docs: list[Document]) -> None:
 def cache_dir_for(data_cfg) -> str:
     key = hashlib.sha256(f"{data_cfg.corpus}\n{data_cfg.text_field}\n{data_cfg.val_fraction}".encode()).hexdigest()
     name = "stdlib" if data_cfg.corpus == "stdlib" else os.path.basename(data_cfg.corpus.rstrip("/*")) or "corpus"
-    return os.path.join(os.path.expanduser(data_cfg.cache_dir), f"{name}-{key[:12]}")
+    return io.join(os.path.expanduser(data_cfg.cache_dir), f"{name}-{key[:12]}")
+
+
+def _local(directory: str) -> str:
+    """The cache directory as a local one: `directory` itself, or a gs:// cache's local mirror, brought up to
+    date with the bucket (a small file compared whole; the token streams fetched when the header differs)."""
+    if not io.is_remote(directory):
+        return directory
+    io.check_output_dir(directory, "data.cache_dir")
+    local = io.local_mirror(directory)
+    for name in ("tokenizer.json", "header.json"):
+        remote = io.join(directory, name)
+        if not io.exists(remote):
+            continue
+        data, here = io.read_bytes(remote), os.path.join(local, name)
+        if os.path.isfile(here) and io.read_bytes(here) == data:
+            continue
+        if name == "header.json":  # the streams of that header first; the header last, as when building
+            for split in SPLITS:
+                streams = io.read_bytes(io.join(directory, f"{split}.bin"))
+                atomic_write_bytes(os.path.join(local, f"{split}.bin"), streams)
+        atomic_write_bytes(here, data)
+    return local
+
+
+def _publish(local: str, directory: str, names: list[str]) -> None:
+    """Upload a cache built in a gs:// cache's local mirror, in the order given (the header last)."""
+    if local != directory:
+        for name in names:
+            io.upload(os.path.join(local, name), io.join(directory, name))
 
 
 def _encode(tokenizer, docs: list[Document]) -> np.ndarray:
@@ -178,7 +210,9 @@ def load_tokenizer(data_cfg, log=print):
     check_name(data_cfg.tokenizer)
     if data_cfg.tokenizer == "byte":
         return ByteTokenizer()
-    path = bpe_path(cache_dir_for(data_cfg))
+    directory = cache_dir_for(data_cfg)
+    local = _local(directory)
+    path = bpe_path(local)
     if os.path.isfile(path):
         tok = BpeTokenizer.load(path)
         if tok.vocab_size <= data_cfg.bpe_vocab_size:
@@ -191,6 +225,7 @@ def load_tokenizer(data_cfg, log=print):
         raise ConfigError("data.corpus", f"{data_cfg.corpus} is empty")
     tok = BpeTokenizer.train((d.data for d in splits["train"]), data_cfg.bpe_vocab_size)
     atomic_write_bytes(path, tok.to_str().encode())
+    _publish(local, directory, [os.path.basename(path)])
     return tok
 
 
@@ -198,7 +233,8 @@ def load_splits(data_cfg, log=print) -> TokenSplits:
     """Token streams of the train and validation splits, from the cache when it is up to date."""
     tokenizer = load_tokenizer(data_cfg, log)
     directory = cache_dir_for(data_cfg)
-    header_path = os.path.join(directory, "header.json")
+    local = _local(directory)
+    header_path = os.path.join(local, "header.json")
     current = fingerprint(data_cfg.corpus, data_cfg.text_field)
     header = None
     if os.path.isfile(header_path):
@@ -213,14 +249,15 @@ def load_splits(data_cfg, log=print) -> TokenSplits:
                 f" rebuilding it for {tokenizer.name} (hash {tokenizer.hash[:12]})")
             header = None
     if header is None:
-        header = _build_cache(data_cfg, tokenizer, directory, current, log)
-    arrays = {s: np.memmap(os.path.join(directory, f"{s}.bin"), dtype=header["dtype"], mode="r",
+        header = _build_cache(data_cfg, tokenizer, directory, local, current, log)
+    arrays = {s: np.memmap(os.path.join(local, f"{s}.bin"), dtype=header["dtype"], mode="r",
                            shape=(header["counts"][s]["tokens"],)) if header["counts"][s]["tokens"] else
               np.zeros(0, header["dtype"]) for s in SPLITS}
     return TokenSplits(arrays["train"], arrays["val"], header, tokenizer)
 
 
-def _build_cache(data_cfg, tokenizer, directory: str, current_fingerprint: str, log) -> dict:
+def _build_cache(data_cfg, tokenizer, directory: str, local: str, current_fingerprint: str, log) -> dict:
+    """Tokenize both splits into `local` (`directory`, or its mirror when that is on gs://, then uploaded)."""
     log(f"tokenizing {data_cfg.corpus} with the {tokenizer.name} tokenizer into {directory}")
     splits = split_documents(data_cfg.corpus, data_cfg.text_field, data_cfg.val_fraction)
     all_docs = splits["train"] + splits["val"]
@@ -239,11 +276,12 @@ def _build_cache(data_cfg, tokenizer, directory: str, current_fingerprint: str, 
             f"{len(streams['val'])} tokens are the validation split")
     for s in SPLITS:
         counts[s]["tokens"] = len(streams[s])
-        atomic_write_bytes(os.path.join(directory, f"{s}.bin"), streams[s].tobytes())
+        atomic_write_bytes(os.path.join(local, f"{s}.bin"), streams[s].tobytes())
     max_id = max((int(streams[s].max()) for s in SPLITS if len(streams[s])), default=0)
     header = {"version": CACHE_VERSION, "corpus": data_cfg.corpus, "text_field": data_cfg.text_field,
               "val_fraction": data_cfg.val_fraction, "fingerprint": current_fingerprint,
               "tokenizer": {"name": tokenizer.name, "hash": tokenizer.hash, "vocab_size": tokenizer.vocab_size},
               "dtype": np.dtype(streams["train"].dtype).name, "max_token_id": max_id, "counts": counts}
-    atomic_write_json(os.path.join(directory, "header.json"), header)  # written last: the cache is complete
+    atomic_write_json(os.path.join(local, "header.json"), header)  # written last: the cache is complete
+    _publish(local, directory, [f"{s}.bin" for s in SPLITS] + ["header.json"])
     return header

@@ -3,13 +3,16 @@ step itself is the pure function from step.py, compiled by the run's setup (setu
 
 A run on a workdir that holds a checkpoint resumes from it, bit for bit: the state, the data iterator's
 position and the counters are restored, and metrics.jsonl is cut back to the restored step (what may change
-on a resume: resume.py). SIGTERM (how Cloud TPU preempts) saves at the next step boundary and exits with
-status 143. A NaN or inf loss stops the run before anything non-finite is saved.
+on a resume: resume.py). A NaN or inf loss stops the run before anything non-finite is saved.
+
+Saves: every `train.checkpoint_every` steps (the newest `train.keep_checkpoints` stay), at the last step, every
+`train.checkpoint_minutes` of wall time (checked at each log step; each such save replaces the previous one),
+and on preemption. SIGTERM (how Cloud TPU and GKE preempt) saves at a step boundary and exits with status 143:
+in a multi-process run through JAX's preemption sync point, so that every host saves the same step.
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import math
 import signal
@@ -18,6 +21,7 @@ import time
 
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 from ml_collections import ConfigDict
 
 from scalax import config as config_lib
@@ -31,6 +35,7 @@ from scalax.train.metrics import MetricsLog, peak_flops_per_device
 from scalax.train.setup import RunSetup, setup_run
 
 MFU_CONVENTION = "6n_head_attn"  # model FLOPs per token for MFU: 6N + the unembedding + causal attention
+clock = time.monotonic  # the clock of wall-clock saves (tests replace it)
 
 
 class TrainingDiverged(ScalaxError):
@@ -87,7 +92,7 @@ def train(cfg: ConfigDict, workdir: str, log=_log, allow_changes: bool = False) 
     resolved = resolved_config(cfg)
     resolved["data"]["tokenizer_hash"] = data.tokenizer.hash
     io.make_output_dir(workdir, "--workdir")
-    checkpointer = Checkpointer(workdir, cfg.train.keep_checkpoints)
+    checkpointer = Checkpointer(workdir, cfg.train.keep_checkpoints, every=cfg.train.checkpoint_every)
     try:
         _check_resumable(checkpointer, resolved, workdir, allow_changes, log)
         return Trainer(cfg, run, data, resolved, workdir, checkpointer, log).run()
@@ -107,15 +112,34 @@ def _check_resumable(checkpointer: Checkpointer, resolved: dict, workdir: str, a
         return
 
 
-@contextlib.contextmanager
-def sigterm_flag():
-    """A dict whose "requested" turns True when SIGTERM arrives (the loop saves, then stops)."""
-    flag = {"requested": False}
-    previous = signal.signal(signal.SIGTERM, lambda *_: flag.update(requested=True))
-    try:
-        yield flag
-    finally:
-        signal.signal(signal.SIGTERM, previous)
+class PreemptionWatch:
+    """Whether a preemption asks the run to save and stop at this step.
+
+    A multi-process run with JAX's preemption service (on by default with jax.distributed) asks its sync point at
+    every step: JAX's notifier catches SIGTERM on any host, and every host gets True at the same step, so all of
+    them save that step. (A Python SIGTERM handler would take the signal from JAX's notifier, so none is set.)
+    A single process catches SIGTERM itself and stops at the next step boundary.
+    """
+
+    def __init__(self):
+        self.sync = jax.process_count() > 1 and jax.config.jax_enable_preemption_service
+        self.requested = False
+        self._previous = None
+
+    def __enter__(self) -> PreemptionWatch:
+        if not self.sync:
+            self._previous = signal.signal(signal.SIGTERM, lambda *_: setattr(self, "requested", True))
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+
+    def due(self, step: int) -> bool:
+        """Called once per step, by every process, in step order."""
+        if self.sync:
+            self.requested = self.requested or multihost_utils.reached_preemption_sync_point(step)
+        return self.requested
 
 
 class Trainer:
@@ -219,13 +243,14 @@ class Trainer:
             summary.update(self.evaluate(self.state.params))
         self._clock = {"time": time.perf_counter(), "tokens": self.counters.tokens}  # for tokens/s
         self._wall_mark = time.perf_counter()  # for the counters' wall seconds
+        self._last_save_time = clock()  # for wall-clock saves
         try:
-            with sigterm_flag() as preempt:
+            with PreemptionWatch() as preemption:
                 for step in range(self.start + 1, steps + 1):
-                    self._step(step, preempt, progress, summary)
-                    if preempt["requested"]:
+                    preempted = self._step(step, preemption, progress, summary)
+                    if preempted:
                         self.checkpointer.wait()
-                        raise Preempted(f"SIGTERM: saved a checkpoint at step {step} in "
+                        raise Preempted(f"preempted (SIGTERM): saved a checkpoint at step {step} in "
                                         f"{self.checkpointer.directory}; run the same command again to resume")
             summary.update(status="finished", step=steps, tokens=self.counters.tokens,
                            wall_seconds=self.counters.wall_seconds, **self.counters.flops(self.per_token))
@@ -236,8 +261,9 @@ class Trainer:
             progress.close()
             self.metrics_log.close()
 
-    def _step(self, step: int, preempt: dict, progress: ProgressBar, summary: dict) -> None:
-        """One optimizer step, and whatever falls due at it: a log record, an evaluation, a checkpoint."""
+    def _step(self, step: int, preemption: PreemptionWatch, progress: ProgressBar, summary: dict) -> bool:
+        """One optimizer step, and whatever falls due at it: a log record, an evaluation, a checkpoint. True when
+        a preemption saved it and the run must stop."""
         train_cfg, is_last = self.train_cfg, step == self.run_setup.steps
         local_BxT1 = next(self.batches)  # this process's rows -> the global batch, sharded over data x fsdp
         batch = jax.make_array_from_process_local_data(self.run_setup.layout.batch_sharding, local_BxT1,
@@ -246,7 +272,9 @@ class Trainer:
         self.pending.append((step, metrics))
         self.counters.tokens += self.tokens_per_step
         logs, saves = step % train_cfg.log_every == 0 or is_last, step % train_cfg.checkpoint_every == 0 or is_last
-        if logs or saves or preempt["requested"]:
+        preempted = preemption.due(step)
+        saves = saves or preempted or (logs and self._time_save_due())
+        if logs or saves:
             record = self.flush_metrics(self._clock)
             if record is not None and logs:
                 self.metrics_log.write(record)
@@ -259,9 +287,21 @@ class Trainer:
             summary.update(record)
         now = time.perf_counter()
         self.counters.wall_seconds, self._wall_mark = self.counters.wall_seconds + now - self._wall_mark, now
-        if saves or preempt["requested"]:
+        if saves:
             self.save(step)
+            self._last_save_time = clock()
         progress.advance()
+        return preempted and not is_last  # a preemption at the last step: the run is done anyway
+
+    def _time_save_due(self) -> bool:
+        """Whether train.checkpoint_minutes have passed since the last save; process 0's clock decides for all."""
+        minutes = self.train_cfg.get("checkpoint_minutes", 0)  # absent from configs resolved before it existed
+        if minutes <= 0:  # the same config on every process: no need to ask process 0
+            return False
+        due = clock() - self._last_save_time >= 60 * minutes
+        if jax.process_count() > 1:
+            due = bool(multihost_utils.broadcast_one_to_all(np.int32(due)))
+        return due
 
 
 class ProgressBar:

@@ -55,6 +55,8 @@ def validate(cfg: ConfigDict) -> None:
     if train_cfg.batch_size % jax.process_count():
         raise ConfigError("train.batch_size", f"{train_cfg.batch_size} is not divisible by the process count "
                           f"{jax.process_count()}")
+    if train_cfg.get("checkpoint_minutes", 0) < 0:  # .get: resolved configs written before the key existed
+        raise ConfigError("train.checkpoint_minutes", f"must be >= 0 (0: off), got {train_cfg.checkpoint_minutes}")
     if train_cfg.z_loss < 0:
         raise ConfigError("train.z_loss", f"must be >= 0, got {train_cfg.z_loss}")
     if not 0 < cfg.data.val_fraction < 1:

@@ -172,6 +172,32 @@ def test_iterator_restored_mid_epoch_yields_the_same_batches():
         np.testing.assert_array_equal(next(restored), expected[b])
 
 
+@pytest.mark.parametrize("before, after", [(2, 1), (2, 4), (4, 2)])
+def test_state_saved_by_some_processes_resumes_on_another_count(before, after):
+    """The saved state is the global position: `before` processes save mid-epoch, `after` processes go on with
+    the same global batches, and across the change each window is read exactly once per epoch."""
+    tokens = np.arange(801)
+    per_epoch, batch, stop, total = 80, 8, 13, 40  # 10 batches an epoch; save mid-way through the second
+
+    def global_batches(count, state, steps):
+        its = [pipeline.iterator(pipeline.train_dataset(tokens, 10, batch, 3, p, count), prefetch=2)
+               for p in range(count)]
+        for it in its:
+            if state is not None:
+                it.set_state(state)
+        out = [sorted(np.concatenate([next(it)[:, 0] // 10 for it in its]).tolist()) for _ in range(steps)]
+        return out, [json.loads(json.dumps(it.get_state())) for it in its]
+
+    reference, _ = global_batches(1, None, total)
+    first, states = global_batches(before, None, stop)
+    assert all(state == states[0] for state in states)  # every process saves the same state
+    second, _ = global_batches(after, states[0], total - stop)
+    assert first + second == reference
+    windows = np.concatenate(first + second)
+    for epoch in windows.reshape(-1, per_epoch):
+        assert sorted(epoch) == list(range(per_epoch))
+
+
 def test_eval_windows_are_fixed(tmp_path):
     tokens = np.arange(10_001)
     a = pipeline.eval_windows(tokens, 100, 8)

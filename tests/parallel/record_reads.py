@@ -1,5 +1,7 @@
-"""Runs `scalax train` (argv as given) and records which training windows this process read, into the JSON
-file named by SCALAX_TEST_READS: the multi-process test checks that each process read only its half."""
+"""Runs `scalax train` (argv as given) and records, into the JSON file named by SCALAX_TEST_READS, which training
+windows this process consumed at each step (read-ahead that no step used is left out): the multi-process tests
+check that each process consumed only its share of every global batch, and that a resume on another process
+count goes on with the same global batches."""
 
 import json
 import os
@@ -8,17 +10,33 @@ import sys
 from scalax import cli
 from scalax.data import pipeline
 
-reads: list[tuple[int, int]] = []  # (length of the split, window index)
-original = pipeline.Windows.__getitem__
+index_of: dict[bytes, int] = {}  # a training window's tokens -> its index (windows of stdlib text are unique)
+consumed: list[list[int]] = []  # per step: the window indices of this process's rows
+original_getitem, original_iterator = pipeline.Windows.__getitem__, pipeline.iterator
 
 
-def recording(self, i):
-    reads.append((len(self.tokens), int(i)))
-    return original(self, i)
+def recording_getitem(self, i):
+    window = original_getitem(self, i)
+    index_of[window.tobytes()] = int(i)
+    return window
 
 
-pipeline.Windows.__getitem__ = recording
+class Recording:
+    def __init__(self, inner):
+        self.inner = inner
+
+    def __next__(self):
+        batch = next(self.inner)
+        consumed.append([index_of[row.tobytes()] for row in batch])
+        return batch
+
+    def __getattr__(self, name):  # get_state, set_state
+        return getattr(self.inner, name)
+
+
+pipeline.Windows.__getitem__ = recording_getitem
+pipeline.iterator = lambda ds, prefetch=16: Recording(original_iterator(ds, prefetch))
 code = cli.main(sys.argv[1:])
 with open(os.environ["SCALAX_TEST_READS"], "w") as f:
-    json.dump(reads, f)
+    json.dump(consumed, f)
 sys.exit(code)

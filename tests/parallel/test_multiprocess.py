@@ -1,14 +1,18 @@
 """Two processes x 4 CPU devices (jax.distributed, gloo on 127.0.0.1) train exactly like one process with 8
-devices, each process reading only its half of every batch; a checkpoint saved on one mesh restores on others."""
+devices, each process reading only its half of every batch; a preemption stops every process at the same step;
+a checkpoint saved by 2 processes resumes on 1 and on 4, and one saved on one mesh restores on others."""
 
 import glob
 import json
 import os
+import re
 import shutil
+import signal
 import socket
 import subprocess
 import sys
 import sysconfig
+import time
 
 import jax
 import numpy as np
@@ -17,7 +21,7 @@ import pytest
 from tests.conftest import REPO
 
 pytestmark = pytest.mark.slow
-STEPS = 6
+STEPS = 24  # long enough for the preemption sync point to arrive after the signal
 TIMEOUT = 240  # seconds: a process whose peer never comes up aborts instead of hanging the suite
 
 
@@ -51,15 +55,16 @@ def start(cmd, devices, reads):
                             stderr=subprocess.PIPE, text=True)
 
 
-def finish(proc) -> str:
+def finish(proc, expect: int = 0) -> tuple[str, str]:
+    """(stdout, stderr) of a process that exited with status `expect`."""
     try:
         out, err = proc.communicate(timeout=TIMEOUT)
     except subprocess.TimeoutExpired:
         proc.kill()
         out, err = proc.communicate()
         pytest.fail(f"process timed out after {TIMEOUT} s: {err[-2000:]}")
-    assert proc.returncode == 0, err[-3000:]
-    return out
+    assert proc.returncode == expect, err[-3000:]
+    return out, err
 
 
 def losses(workdir) -> dict[int, float]:
@@ -67,11 +72,10 @@ def losses(workdir) -> dict[int, float]:
         return {r["step"]: r["loss"] for r in map(json.loads, f) if "loss" in r}
 
 
-def train_windows(path) -> list[int]:
+def consumed(path) -> list[list[int]]:
+    """Per step, the training windows a process consumed (record_reads.py)."""
     with open(path) as f:
-        reads = json.load(f)
-    longest = max(n for n, _ in reads)  # the training split; validation windows are read by every process
-    return [i for n, i in reads if n == longest]
+        return json.load(f)
 
 
 def free_port() -> int:
@@ -85,27 +89,71 @@ def one_process(corpus, tmp_path_factory):
     root = tmp_path_factory.mktemp("one")
     workdir, reads = str(root / "run"), str(root / "reads.json")
     finish(start(command(corpus, workdir), 8, reads))
-    return workdir, losses(workdir), train_windows(reads)
+    return workdir, losses(workdir), consumed(reads)
 
 
-def test_two_processes_equal_one(corpus, one_process, tmp_path):
-    _, ref_losses, ref_reads = one_process
-    workdir = str(tmp_path / "run")
+def start_processes(corpus, workdir, count, devices, reads_prefix):
     port = free_port()
-    procs = [start(command(corpus, workdir, STEPS, f"--coordinator=127.0.0.1:{port}", "--num_processes=2",
-                           f"--process_id={i}"), 4, str(tmp_path / f"reads{i}.json")) for i in range(2)]
-    outs = [finish(p) for p in procs]
-    assert "mesh data 8 x fsdp 1 x tensor 1 (2 process(es))" in outs[0]
+    # (a wall-clock interval that never falls due: process 0's decision is still broadcast at every log step)
+    return [start(command(corpus, workdir, STEPS, f"--coordinator=127.0.0.1:{port}", f"--num_processes={count}",
+                          f"--process_id={i}", "--config.train.checkpoint_minutes=1000"), devices,
+                  f"{reads_prefix}{i}.json") for i in range(count)]
+
+
+def global_batches(per_process: list[list[list[int]]]) -> list[list[int]]:
+    """Per step, the sorted union of every process's rows."""
+    return [sorted(i for process_rows in rows for i in process_rows) for rows in zip(*per_process, strict=True)]
+
+
+def test_preempted_two_processes_resume_on_one_and_on_four(corpus, one_process, tmp_path):
+    """Two processes x 4 devices train like one process x 8, each consuming its half of every batch; SIGTERM to
+    one of them stops both at the same step (JAX's preemption sync point: JAX's own notifier catches the signal
+    on CPU too), saved; that checkpoint resumes on one process and on four, which go on with the uninterrupted
+    run's global batches and losses: every window consumed once, none skipped."""
+    _, ref_losses, ref_consumed = one_process
+    ref_batches = [sorted(rows) for rows in ref_consumed]
+    workdir = str(tmp_path / "two")
+    procs = start_processes(corpus, workdir, 2, 4, str(tmp_path / "two"))
+    deadline = time.time() + TIMEOUT
+    metrics = os.path.join(workdir, "metrics.jsonl")
+    while not os.path.exists(metrics) or max(losses(workdir), default=0) < 2:  # JAX's notifier is up by then
+        if time.time() > deadline or any(p.poll() is not None for p in procs):
+            for p in procs:
+                p.kill()
+            pytest.fail("the two processes did not reach step 2: " + procs[1].communicate()[1][-3000:])
+        time.sleep(0.2)
+    procs[1].send_signal(signal.SIGTERM)
+    outs = [finish(p, expect=143) for p in procs]
+    saved = {int(re.search(r"preempted \(SIGTERM\): saved a checkpoint at step (\d+)", err)[1]) for _, err in outs}
+    assert len(saved) == 1, outs  # both processes saved the same step
+    stop = saved.pop()
+    assert 2 < stop < STEPS
+    assert "mesh data 8 x fsdp 1 x tensor 1 (2 process(es))" in outs[0][0]
     got = losses(workdir)
-    assert sorted(got) == list(range(1, STEPS + 1))
-    np.testing.assert_allclose([got[s] for s in sorted(got)], [ref_losses[s] for s in sorted(ref_losses)],
-                               rtol=1e-5)
-    reads = [train_windows(str(tmp_path / f"reads{i}.json")) for i in range(2)]
-    # Each process read only its half of each batch: disjoint halves whose union is what one process read.
-    assert not set(reads[0]) & set(reads[1])
-    assert sorted(reads[0] + reads[1]) == sorted(ref_reads)
-    assert abs(len(reads[0]) - len(reads[1])) <= 16  # up to one batch of read-ahead apart
+    assert sorted(got) == list(range(1, stop + 1))
+    np.testing.assert_allclose([got[s] for s in sorted(got)], [ref_losses[s] for s in sorted(got)], rtol=1e-5)
+    halves = [consumed(str(tmp_path / f"two{i}.json"))[:stop] for i in range(2)]
+    for a, b in zip(*halves, strict=True):  # disjoint halves of each global batch
+        assert len(a) == len(b) == 8 and not set(a) & set(b)
+    assert global_batches(halves) == ref_batches[:stop]
     assert not os.path.exists(os.path.join(workdir, "metrics.jsonl.1"))  # only process 0 wrote the logs
+
+    for count, devices in ((1, 8), (4, 2)):
+        resumed = str(tmp_path / f"resumed{count}")
+        shutil.copytree(workdir, resumed)
+        outs = [finish(p) for p in start_processes(corpus, resumed, count, devices, str(tmp_path / f"r{count}-"))]
+        assert f"resuming {resumed} from step {stop}" in outs[0][0]
+        assert f"({count} process(es))" in outs[0][0]
+        got = losses(resumed)
+        assert sorted(got) == list(range(1, STEPS + 1))
+        np.testing.assert_allclose([got[s] for s in range(stop + 1, STEPS + 1)],
+                                   [ref_losses[s] for s in range(stop + 1, STEPS + 1)], rtol=1e-5)
+        after = [consumed(str(tmp_path / f"r{count}-{i}.json")) for i in range(count)]
+        assert all(len(rows) == 16 // count for per in after for rows in per)
+        batches = global_batches(halves) + global_batches(after)
+        assert batches == ref_batches
+        every = [i for batch in batches for i in batch]
+        assert len(every) == len(set(every))  # less than an epoch: no window twice (tests/data: over epochs)
 
 
 def test_restore_on_other_meshes(corpus, one_process, tmp_path):
@@ -119,7 +167,7 @@ def test_restore_on_other_meshes(corpus, one_process, tmp_path):
     for name, devices in (("eight", 8), ("single", 1)):
         resumed = str(tmp_path / name)
         shutil.copytree(first, resumed)
-        out = finish(start(command(corpus, resumed, STEPS), devices, str(tmp_path / "r.json")))
+        out, _ = finish(start(command(corpus, resumed, 6), devices, str(tmp_path / "r.json")))
         assert f"resuming {resumed} from step 3" in out
         assert f"mesh data {devices} x fsdp 1 x tensor 1" in out
         got = losses(resumed)

@@ -25,10 +25,10 @@ def unigram_entropy_bits(documents) -> float:
 
 @pytest.mark.parametrize("family", ["gpt", "llama"])
 def test_tiny_learns_the_default_corpus(family, tmp_path):
-    """About 1.5 minutes here: eval bits/byte at least 1 below the validation split's unigram entropy."""
+    """About a minute here (200 steps): eval bits/byte at least 1 below the validation split's unigram entropy."""
     cfg = config_lib.load(f"configs/{family}.py:size=tiny")
-    cfg.train.update(steps=300, eval_every=1000, log_every=10, checkpoint_every=1000)
-    cfg.optim.update(warmup_steps=30)
+    cfg.train.update(steps=200, eval_every=1000, log_every=10, checkpoint_every=1000)
+    cfg.optim.update(warmup_steps=20)
     cfg.data.cache_dir = str(tmp_path.parent.parent / "scalax-test-token-cache")  # shared by both families
     summary = loop.train(cfg, str(tmp_path / "run"), log=lambda m: None)
     val_docs = corpora.split_documents("stdlib", "text", cfg.data.val_fraction)["val"]
@@ -38,9 +38,9 @@ def test_tiny_learns_the_default_corpus(family, tmp_path):
 
     records = [json.loads(line) for line in open(os.path.join(tmp_path, "run", "metrics.jsonl"))]
     train = [r for r in records if "loss" in r]
-    assert train[-1]["step"] == 300
+    assert train[-1]["step"] == 200
     assert train[-1]["lr"] == pytest.approx(cfg.optim.lr * cfg.optim.final_lr_fraction, rel=1e-5)
-    assert train[-1]["tokens"] == 300 * cfg.train.batch_size * cfg.train.seq_len
+    assert train[-1]["tokens"] == 200 * cfg.train.batch_size * cfg.train.seq_len
     # TensorBoard holds the same numbers as metrics.jsonl
     # (as classic scalar summaries: EventAccumulator.Scalars, which most readers use, finds them)
     accumulator = EventAccumulator(os.path.join(tmp_path, "run", "tensorboard"), size_guidance={SCALARS: 0})
@@ -65,3 +65,29 @@ def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path):
     steps = sorted(int(s) for s in os.listdir(tmp_path / "run" / "checkpoints"))
     bad_step = int(str(info.value).split("at step ")[1].split(":")[0])
     assert all(s < bad_step for s in steps)  # nothing at or after the first non-finite loss was saved
+
+
+def test_wall_clock_saves_fall_due_on_time_and_replace_each_other(tmp_path, monkeypatch):
+    """A fake clock in which every step takes one minute. With train.checkpoint_minutes=3.5 a save falls due
+    at the first log step 3.5 minutes after the last save of any kind: steps 4 and 8, the step save at 10, then
+    14; the run ends at 16. What stays: the newest step save (keep_checkpoints=1) and the newest save."""
+    cfg = config_lib.load("configs/gpt.py:size=tiny")
+    cfg.train.update(steps=16, eval_every=1000, log_every=1, checkpoint_every=10, keep_checkpoints=1,
+                     checkpoint_minutes=3.5, batch_size=8, seq_len=64)
+    cfg.optim.warmup_steps = 2
+    cfg.data.cache_dir = str(tmp_path.parent.parent / "scalax-test-token-cache")
+    clock = {"seconds": 0.0}
+    monkeypatch.setattr(loop, "clock", lambda: clock["seconds"])
+    step = loop.Trainer._step
+
+    def one_minute_step(self, *args):
+        clock["seconds"] += 60.0
+        return step(self, *args)
+
+    monkeypatch.setattr(loop.Trainer, "_step", one_minute_step)
+    saves = []
+    save = loop.Trainer.save
+    monkeypatch.setattr(loop.Trainer, "save", lambda self, s: (saves.append((s, clock["seconds"])), save(self, s)))
+    loop.train(cfg, str(tmp_path / "run"), log=lambda m: None)
+    assert saves == [(4, 240.0), (8, 480.0), (10, 600.0), (14, 840.0), (16, 960.0)]
+    assert sorted(int(s) for s in os.listdir(tmp_path / "run" / "checkpoints")) == [10, 16]

@@ -8,8 +8,11 @@ from the bucket."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
+import os
+import platform
 import time
 
 import jax
@@ -45,12 +48,38 @@ def measure_matmul_flops(dtype=jnp.float32, n: int = 1024, repeats: int = 5) -> 
 
 
 def peak_flops_per_device(compute_dtype: str) -> tuple[float, str]:
-    """(peak FLOP/s, where the number comes from) for this process's devices."""
+    """(peak FLOP/s, where the number comes from) for this process's devices: a data sheet's, or on a device
+    without one (a CPU) a matmul measured once per machine and dtype and then read from the cache, so that MFU
+    compares across runs (measured anew by each run, it varied 2x on one machine)."""
     kind = jax.devices()[0].device_kind
     for name, peak in PEAK_FLOPS.items():
         if name in kind:
             return peak, f"{kind} data sheet"
-    return measure_matmul_flops(jnp.dtype(compute_dtype)), f"measured {compute_dtype} matmul on {kind}"
+    return cached_matmul_peak(jnp.dtype(compute_dtype).name, kind)
+
+
+def _machine() -> str:
+    """What the peak depends on: the CPU model and the CPUs this process may use."""
+    model = platform.machine()
+    with contextlib.suppress(OSError):
+        with open("/proc/cpuinfo") as f:
+            model = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), model)
+    return f"{model} x {len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count()}"
+
+
+def cached_matmul_peak(dtype: str, kind: str) -> tuple[float, str]:
+    """The best of 10 2048 x 2048 `dtype` matmuls, measured on the first call on this machine and kept in
+    CACHE/peak_flops.json (io.cache_root) under (device kind, dtype, CPU model and count, jax version)."""
+    path = os.path.join(io.cache_root(), "peak_flops.json")
+    key = f"{kind} | {dtype} | {_machine()} | jax {jax.__version__}"
+    table = io.read_json(path) if os.path.isfile(path) else {}
+    if key not in table:
+        flops = measure_matmul_flops(jnp.dtype(dtype), n=2048, repeats=10)
+        table = io.read_json(path) if os.path.isfile(path) else {}  # (another process may have written since)
+        table[key] = {"flops": flops, "measured": time.strftime("%Y-%m-%d")}
+        io.atomic_write_json(path, table)
+    entry = table[key]
+    return entry["flops"], f"{dtype} matmul on {kind}, measured {entry['measured']}, cached in {path}"
 
 
 class ScalarWriter:

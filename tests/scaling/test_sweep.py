@@ -89,7 +89,7 @@ def test_ladder_rules_are_deepseeks():
 
 
 # ---------------------------------------------------------------------- the runner, with real processes
-SMALL = ["--config.sweep.budget_min=2e10", "--config.sweep.budget_max=4e10", "--config.sweep.n_budgets=2",
+SMALL = ["--config.sweep.budget_min=5e9", "--config.sweep.budget_max=1e10", "--config.sweep.n_budgets=2",
          "--config.sweep.sizes_per_budget=3", "--config.base.train.seq_len=64", "--config.sweep.bootstrap=10"]
 
 
@@ -151,7 +151,10 @@ def test_sweep_killed_and_restarted_records_each_run_once(tmp_path, capsys, wher
         train = [json.loads(line) for line in lines if '"loss"' in line]
         assert train[-1]["step"] == r["overrides"]["train.steps"]
         assert train[-1]["lr"] == pytest.approx(r["overrides"]["optim.lr"] * 0.1, rel=1e-5)
-    # One fit whichever command asks: the sweep's fit.json, `fit DIR`, `fit --csv` of its export, `plot`.
+    # One fit whichever command asks: the sweep's fit.json, `fit DIR`, `fit --csv` of its export, `plot`; here
+    # for a sweep on the bucket (tests/scaling/test_analysis.py asks the same of a local sweep directory).
+    if where == "local":
+        return
     from scalax import cli
 
     def fit_numbers(path=None, *argv):

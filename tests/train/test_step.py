@@ -105,3 +105,29 @@ def test_log_lines_never_share_the_progress_bar_line(monkeypatch):
     glued.write(message + "\n")
     bare.close()
     assert [line.split("\r")[-1] for line in glued.getvalue().split("\n") if message in line] != [message]
+
+
+def test_cpu_peak_is_measured_once_per_machine_and_dtype(tmp_path, monkeypatch):
+    """MFU's denominator on a CPU: measured on the first run of a machine and dtype, then the cached number
+    (a stand-in measurement that answers 100, 200, ... GFLOP/s shows which call measured)."""
+    import json
+
+    from scalax.train import metrics
+
+    monkeypatch.setenv("SCALAX_CACHE", str(tmp_path))
+    measured = []
+
+    def measure(dtype, n, repeats):
+        measured.append(jnp.dtype(dtype).name)
+        return 1e11 * len(measured)
+
+    monkeypatch.setattr(metrics, "measure_matmul_flops", measure)
+    first, first_source = metrics.peak_flops_per_device("float32")
+    again, again_source = metrics.peak_flops_per_device("float32")
+    bf16, _ = metrics.peak_flops_per_device("bfloat16")
+    assert measured == ["float32", "bfloat16"]
+    assert (first, again, bf16) == (1e11, 1e11, 2e11)
+    assert again_source == first_source and f"cached in {tmp_path}" in again_source
+    table = json.load(open(tmp_path / "peak_flops.json"))
+    assert sorted(v["flops"] for v in table.values()) == [1e11, 2e11]
+    assert all(jax.__version__ in key and ("float32" in key or "bfloat16" in key) for key in table)

@@ -25,7 +25,8 @@ def unigram_entropy_bits(documents) -> float:
 
 @pytest.mark.parametrize("family", ["gpt", "llama"])
 def test_tiny_learns_the_default_corpus(family, tmp_path):
-    """About a minute here (200 steps): eval bits/byte at least 1 below the validation split's unigram entropy."""
+    """About a minute here (200 steps): eval bits/byte at least 1 below the validation split's unigram entropy
+    (2026-12-02: GPT 3.59, LLaMA 3.14 against a bar of 3.70; the entropy is 4.70)."""
     cfg = config_lib.load(f"configs/{family}.py:size=tiny")
     cfg.train.update(steps=200, eval_every=1000, log_every=10, checkpoint_every=1000)
     cfg.optim.update(warmup_steps=20)

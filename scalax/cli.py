@@ -153,7 +153,6 @@ def _sweep_of(directory: str) -> dict:
     path = io.join(directory, "sweep.json")
     if not io.isfile(path):
         return {}
-
     cfg = config_lib.load(path)
     return cfg.sweep.to_dict() if "sweep" in cfg else {}
 
@@ -229,7 +228,6 @@ def cmd_plan(args: argparse.Namespace, overrides: list[str]) -> int:
 def _check_target(path: str, key: str, force: bool) -> None:
     """Refuse to write a checkpoint or an export into a file, a training workdir, or a non-empty directory,
     unless --force."""
-
     if os.path.exists(path) and not os.path.isdir(path):
         raise ConfigError(key, f"{path} is a file; allowed: a new or empty directory")
     if os.path.isdir(path) and os.listdir(path) and not force:

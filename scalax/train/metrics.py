@@ -3,8 +3,8 @@ FLOP/s that MFU is measured against. Only process 0 writes.
 
 On a gs:// workdir metrics.jsonl is replaced by one upload per record (GCS objects cannot be appended to), and
 TensorBoard's event files, which its writer appends to, are written in a local mirror (io.local_mirror) and
-uploaded whole to WORKDIR/tensorboard at every flush (each log step and the end): TensorBoard reads them
-from the bucket."""
+uploaded whole to WORKDIR/tensorboard at every flush (after each checkpoint save, and at the end):
+TensorBoard reads them from the bucket."""
 
 from __future__ import annotations
 

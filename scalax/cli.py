@@ -225,6 +225,38 @@ def cmd_plan(args: argparse.Namespace, overrides: list[str]) -> int:
     return 0 if report["fits"] != "does not fit" else 1
 
 
+def cmd_launch(args: argparse.Namespace, overrides: list[str]) -> int:
+    """Launch a sweep onto Cloud TPU (scalax/launch/launcher.py), or show where one stands."""
+    from scalax.launch import status as status_lib
+
+    if args.action == "status":
+        report = status_lib.status(args.workdir)
+        print(json.dumps(report, indent=2) if args.json else status_lib.format_status(report))
+        return 0
+    from scalax import config as config_lib
+    from scalax.launch import launcher, tpus
+    from scalax.launch.commands import Options
+
+    if not args.config:
+        raise ConfigError("--config", "scalax launch needs a sweep config, e.g. configs/sweeps/quickstart.py")
+    for key, value in (("--mfu", args.mfu), ("--price", args.price)):
+        if value is not None and not (value > 0 and (key != "--mfu" or value <= 1)):
+            raise ConfigError(key, f"must be {'in (0, 1]' if key == '--mfu' else 'positive'}, got {value}")
+    options = Options(backend=args.backend, tpu=tpus.parse(args.tpu), project=args.project, zone=args.zone,
+                      spot=args.spot, retries=args.retries, max_slices=args.max_slices,
+                      runtime_version=args.runtime_version, setup=args.setup, cluster=args.cluster,
+                      image=args.image, base_image=args.base_image, poll_seconds=args.poll_seconds)
+    cfg = config_lib.load(args.config, overrides)
+    unfinished = launcher.launch(cfg, args.workdir, options, dry_run=args.dry_run, force=args.force,
+                                 mfu=args.mfu, price=args.price)
+    if unfinished:
+        for r in unfinished:
+            print(f"scalax launch: {r['name']} {r.get('status')}: {r.get('error')}", file=sys.stderr)
+        raise Incomplete(f"{len(unfinished)} runs did not finish ({', '.join(r['name'] for r in unfinished)}); "
+                         "run the same command again to retry them")
+    return 0
+
+
 def _check_target(path: str, key: str, force: bool) -> None:
     """Refuse to write a checkpoint or an export into a file, a training workdir, or a non-empty directory,
     unless --force."""
@@ -411,6 +443,39 @@ def build_parser() -> argparse.ArgumentParser:
     plot = sub.add_parser("plot", help="fit and plot a sweep directory again", **kw)
     plot.add_argument("dir", help="a sweep directory (its sweep.json and runs.jsonl)")
     plot.set_defaults(func=cmd_plot)
+
+    launch = sub.add_parser("launch", help="a sweep onto Cloud TPU (tpu-vm or xpk), with retries, status and cost",
+                            description=overrides + " `scalax launch status --workdir=gs://...` shows a launched "
+                            "sweep. Exit status 1 when a run did not finish. See docs/cloud-tpu.md.", **kw)
+    launch.add_argument("action", nargs="?", choices=("status",), help="status: where the sweep in --workdir stands")
+    launch.add_argument("--config", help="a sweep config, e.g. configs/sweeps/quickstart.py")
+    launch.add_argument("--workdir", required=True, help="the sweep's directory on a bucket: gs://BUCKET/PATH")
+    launch.add_argument("--backend", default="tpu-vm", help="tpu-vm (queued resources, ssh) or xpk (GKE)")
+    launch.add_argument("--tpu", default="v5litepod-8", help="the largest slice a run may get (v4-8, v5litepod-16, "
+                        "v5p-8, v6e-4, ...); each run gets the smallest of that generation that fits it")
+    launch.add_argument("--project", default=os.environ.get("CLOUDSDK_CORE_PROJECT", ""), help="Google Cloud "
+                        "project (default: $CLOUDSDK_CORE_PROJECT)")
+    launch.add_argument("--zone", default=os.environ.get("CLOUDSDK_COMPUTE_ZONE", ""), help="zone (default: "
+                        "$CLOUDSDK_COMPUTE_ZONE)")
+    launch.add_argument("--spot", action="store_true", help="spot capacity: cheaper, preempted at any time")
+    launch.add_argument("--retries", type=int, default=3, help="times a run is brought back after a preemption")
+    launch.add_argument("--max-slices", type=int, default=1, help="slices (tpu-vm) or workloads (xpk) at once")
+    launch.add_argument("--dry-run", action="store_true", help="print the cost and the exact commands; create nothing")
+    launch.add_argument("--force", action="store_true", help="as for sweep: the workdir holds another grid")
+    launch.add_argument("--mfu", type=float, help="MFU for the cost estimate (default: by model size, stated)")
+    launch.add_argument("--price", type=float, help="USD per chip-hour (default: the table in scalax/launch/tpus.py)")
+    launch.add_argument("--poll-seconds", type=float, default=30.0, help="seconds between state queries")
+    launch.add_argument("--json", action="store_true", help="status: print one JSON object")
+    vm = launch.add_argument_group("tpu-vm")
+    vm.add_argument("--runtime-version", default="", help="TPU VM image (default: the generation's)")
+    vm.add_argument("--setup", default="", help="command run once on every worker of a new slice (default: "
+                    "install jax[tpu] and a wheel of this checkout, copied over)")
+    xpk = launch.add_argument_group("xpk")
+    xpk.add_argument("--cluster", default="", help="the GKE cluster (xpk cluster create)")
+    xpk.add_argument("--image", default="", help="a Docker image with scalax installed (xpk --docker-image)")
+    xpk.add_argument("--base-image", default="python:3.11", help="else: a base image to which xpk adds this "
+                     "checkout, installed when the workload starts (xpk --base-docker-image)")
+    launch.set_defaults(func=cmd_launch)
     return parser
 
 

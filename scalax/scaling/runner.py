@@ -92,13 +92,7 @@ def run_sweep(cfg: ConfigDict, workdir: str, parallel: int = 1, log=print, force
     config changed (or that left the grid) are moved to DIR/replaced/ and trained again."""
     check_sweep_config(cfg)
     planned = sweep_lib.plan(cfg)
-    io.make_output_dir(io.join(workdir, "runs"), "--workdir")
-    ledger = Ledger(workdir)
-    _replace_changed_runs(cfg, planned, workdir, ledger, force, log)
-    io.atomic_write_json(io.join(workdir, "sweep.json"), cfg.to_dict())
-    for run in planned:  # the plan is recorded before anything runs; finished records keep their results
-        if ledger.records.get(run.name, {}).get("status") != FINISHED:
-            ledger.update(run.name, **run.record(), status=PENDING)
+    ledger = prepare_workdir(cfg, planned, workdir, force, log)
     todo = [r for r in planned if ledger.records[r.name]["status"] != FINISHED]
     log(f"sweep: {len(planned)} runs, {len(planned) - len(todo)} already finished, {len(todo)} to train "
         f"({parallel} at a time) in {workdir}")
@@ -115,7 +109,7 @@ def run_sweep(cfg: ConfigDict, workdir: str, parallel: int = 1, log=print, force
                     log(f"[{run.name}] skipped: {unfit}")
                     bar.update(1)
                     continue
-                tail = _tail(workdir, run.name)  # from the log's current end: a resumed run's old lines stay
+                tail = log_tail(workdir, run.name)  # from the log's current end: a resumed run's old lines stay
                 active[run.name] = (*_start(cfg, run, workdir), tail)
                 ledger.update(run.name, status=RUNNING)
             time.sleep(0.2)
@@ -127,8 +121,8 @@ def run_sweep(cfg: ConfigDict, workdir: str, parallel: int = 1, log=print, force
                 del active[name]
                 for line in tail():
                     log(f"[{name}] {line}")
-                _upload_log(workdir, name)
-                ledger.update(name, **_result(workdir, name, proc.returncode, time.time() - started))
+                upload_log(workdir, name)
+                ledger.update(name, **run_result(workdir, name, proc.returncode, time.time() - started))
                 status = ledger.records[name]["status"]
                 log(f"[{name}] {status}" + (f": {ledger.records[name].get('error', '')}" if status != FINISHED
                                              else f", eval {ledger.records[name]['eval_loss']:.4f} nats/token"))
@@ -140,6 +134,19 @@ def run_sweep(cfg: ConfigDict, workdir: str, parallel: int = 1, log=print, force
         for proc, _, _ in active.values():
             proc.wait()
     return fit_and_plot(workdir, cfg, log)
+
+
+def prepare_workdir(cfg: ConfigDict, planned: list, workdir: str, force: bool, log=print) -> Ledger:
+    """Make the sweep's directory (or check the one there: `_replace_changed_runs`), write sweep.json and record
+    every run that has not finished as pending, before anything runs; finished records keep their results."""
+    io.make_output_dir(io.join(workdir, "runs"), "--workdir")
+    ledger = Ledger(workdir)
+    _replace_changed_runs(cfg, planned, workdir, ledger, force, log)
+    io.atomic_write_json(io.join(workdir, "sweep.json"), cfg.to_dict())
+    for run in planned:
+        if ledger.records.get(run.name, {}).get("status") != FINISHED:
+            ledger.update(run.name, **run.record(), status=PENDING)
+    return ledger
 
 
 def _replace_changed_runs(cfg: ConfigDict, planned: list, workdir: str, ledger: Ledger, force: bool, log) -> None:
@@ -177,7 +184,7 @@ def _replace_changed_runs(cfg: ConfigDict, planned: list, workdir: str, ledger: 
         f"{len(added)} added")
 
 
-def _log_path(workdir: str, name: str) -> str:
+def log_path(workdir: str, name: str) -> str:
     """Where a run's train.log is written: DIR/runs/NAME/train.log, or its local mirror for a gs:// DIR (the
     child's output must go to a local file; a restart on another machine first fetches what the bucket holds);
     uploaded to DIR/runs/NAME when the run ends."""
@@ -188,16 +195,16 @@ def _log_path(workdir: str, name: str) -> str:
     return local
 
 
-def _upload_log(workdir: str, name: str) -> None:
+def upload_log(workdir: str, name: str) -> None:
     run_dir = io.join(workdir, "runs", name)
-    if io.is_remote(run_dir) and os.path.exists(_log_path(workdir, name)):
-        io.upload(_log_path(workdir, name), io.join(run_dir, "train.log"))
+    if io.is_remote(run_dir) and os.path.exists(log_path(workdir, name)):
+        io.upload(log_path(workdir, name), io.join(run_dir, "train.log"))
 
 
 def _start(cfg: ConfigDict, run, workdir: str) -> tuple[subprocess.Popen, float]:
-    config_path = _write_run_config(cfg, run, workdir)
+    config_path = write_run_config(cfg, run, workdir)
     run_dir = io.join(workdir, "runs", run.name)
-    with open(_log_path(workdir, run.name), "a") as log_file:  # the child keeps its own descriptor
+    with open(log_path(workdir, run.name), "a") as log_file:  # the child keeps its own descriptor
         proc = subprocess.Popen([sys.executable, "-m", "scalax", "train", f"--config={config_path}",
                                  f"--workdir={run_dir}"], stdout=log_file, stderr=subprocess.STDOUT,
                                 preexec_fn=_die_with_parent, env={**os.environ, "PYTHONUNBUFFERED": "1"})
@@ -209,7 +216,7 @@ def _does_not_fit(cfg: ConfigDict, run, workdir: str) -> str | None:
     device = cfg.sweep.get("fit_device", "")
     if not device:
         return None
-    config_path = _write_run_config(cfg, run, workdir)
+    config_path = write_run_config(cfg, run, workdir)
     target = f"--device={device}" if device.lower() in DEVICE_MEMORY else f"--device-memory={device}"
     proc = subprocess.run([sys.executable, "-m", "scalax", "plan", f"--config={config_path}",
                            f"--devices={cfg.sweep.get('fit_devices', 1)}", target, "--json"],
@@ -223,16 +230,16 @@ def _does_not_fit(cfg: ConfigDict, run, workdir: str) -> str | None:
     return f"needs {report['peak_per_device'] / 2**30:.2f} GiB per device; {report['device']}"
 
 
-def _write_run_config(cfg: ConfigDict, run, workdir: str) -> str:
+def write_run_config(cfg: ConfigDict, run, workdir: str) -> str:
     """DIR/runs/NAME/run_config.json: the base config with the run's overrides; returns its path."""
     config_path = io.join(workdir, "runs", run.name, "run_config.json")
     io.atomic_write_json(config_path, sweep_lib.run_config(cfg, run).to_dict())
     return config_path
 
 
-def _tail(workdir: str, name: str):
+def log_tail(workdir: str, name: str):
     """A function returning the run's new log lines (the eval lines and errors) since it was last called."""
-    path = _log_path(workdir, name)
+    path = log_path(workdir, name)
     state = {"offset": os.path.getsize(path) if os.path.exists(path) else 0}
 
     def new_lines() -> list[str]:
@@ -248,13 +255,13 @@ def _tail(workdir: str, name: str):
     return new_lines
 
 
-def _result(workdir: str, name: str, returncode: int, seconds: float) -> dict:
+def run_result(workdir: str, name: str, returncode: int, seconds: float) -> dict:
     summary_path = io.join(workdir, "runs", name, "summary.json")
     if returncode == 0 and io.exists(summary_path):
         s = io.read_json(summary_path)
         return {"status": FINISHED, "eval_loss": s["eval_loss"], "eval_loss_se": s["eval_loss_se"],
                 "eval_bpb": s["eval_bpb"], "wall_seconds": s["wall_seconds"], "error": None}
-    with open(_log_path(workdir, name), errors="replace") as f:
+    with open(log_path(workdir, name), errors="replace") as f:
         lines = [line.strip() for line in f if line.strip()]
     error = lines[-1] if lines else f"exit status {returncode}"
     status = DIVERGED if returncode == 3 else (PENDING if returncode == 143 else FAILED)

@@ -160,6 +160,8 @@ class Trainer:
             io.atomic_write_json(io.join(workdir, "config.json"), resolved)
         self.metrics_log = MetricsLog(workdir, enabled=self.writer)
         self.metrics_log.truncate_after(self.start)
+        if self.start:  # a resume: `scalax launch status` counts these (a preempted run is resumed)
+            self.metrics_log.write({"step": self.start, "resumed": 1})
         self.per_token = flops.all_flops_per_token(run.model, train_cfg.seq_len)
         self.peak, peak_source = peak_flops_per_device(run.model.dtype)
         self.tokens_per_step = train_cfg.batch_size * train_cfg.seq_len

@@ -13,7 +13,7 @@ from scalax.scaling import runner
 def _progress(workdir: str, name: str) -> dict:
     """The newest training record of a run (step, tokens, loss) and how many times it resumed."""
     path = io.join(workdir, "runs", name, "metrics.jsonl")
-    out = {"tokens_done": 0, "loss": None, "resumes": 0}
+    out = {"tokens_done": None, "loss": None, "resumes": 0}  # None: the run has logged nothing (yet)
     if not io.exists(path):
         return out
     for line in io.read_text(path, errors="replace").splitlines():
@@ -55,7 +55,8 @@ def format_status(report: dict) -> str:
              f"{c['failed']} failed, {c['skipped']} skipped; {c['retried']} retried after a preemption",
              f"{'run':<28} {'status':<9} {'slice':<14} {'tokens done':>22} {'loss':>7} {'eval':>7} {'retries':>7}"]
     for r in report["runs"]:
-        done = f"{r['tokens_done']:,}/{r['tokens']:,}" if r["tokens"] else f"{r['tokens_done']:,}"
+        done = "-" if r["tokens_done"] is None else f"{r['tokens_done']:,}"
+        done += f"/{r['tokens']:,}" if r["tokens"] else ""
         loss = f"{r['loss']:.4f}" if r["loss"] is not None else "-"
         ev = f"{r['eval_loss']:.4f}" if r["eval_loss"] is not None else "-"
         lines.append(f"{r['name']:<28} {r['status']:<9} {r['slice']:<14} {done:>22} {loss:>7} {ev:>7} "

@@ -46,6 +46,7 @@ LOST = ("PREEMPTED", "SUSPENDED", "SUSPENDING", "FAILED")  # the capacity is gon
 TOOLS = {"gcloud": "install the Google Cloud CLI: https://cloud.google.com/sdk/docs/install",
          "xpk": "pip install xpk (GKE, JobSet, Kueue; see https://github.com/AI-Hypercomputer/xpk)",
          "kubectl": "gcloud components install kubectl (xpk drives the cluster through it)"}
+STOP_GRACE_SECONDS = 300  # after Ctrl-C, how long a run may take to save its checkpoint
 PROJECT_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
@@ -197,7 +198,6 @@ class _Driver:
         self.lock = threading.Lock()
         self.stop = threading.Event()
         self.errors: list[BaseException] = []
-        self.procs: set[subprocess.Popen] = set()
 
     def update(self, run_name: str, **fields) -> None:
         with self.lock:
@@ -216,16 +216,15 @@ class _Driver:
         tail = runner.log_tail(self.workdir, run_name)
         with open(runner.log_path(self.workdir, run_name), "a") as log_file:
             proc = subprocess.Popen(argv, stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True)
-        with self.lock:
-            self.procs.add(proc)
-        try:
-            while proc.poll() is None:
-                time.sleep(0.2)
-                for line in tail():
-                    self.log(f"[{run_name}] {line}")
-        finally:
-            with self.lock:
-                self.procs.discard(proc)
+        stopping_since = None
+        while proc.poll() is None:
+            time.sleep(0.2)
+            for line in tail():
+                self.log(f"[{run_name}] {line}")
+            if self.stop.is_set():  # the run was asked to checkpoint and stop; give up on it after STOP_GRACE
+                stopping_since = stopping_since or time.time()
+                if time.time() - stopping_since > STOP_GRACE_SECONDS:
+                    proc.terminate()
         for line in tail():
             self.log(f"[{run_name}] {line}")
         runner.upload_log(self.workdir, run_name)
@@ -255,6 +254,9 @@ class _Driver:
                 t.start()
             while not all(event.is_set() for event in done):
                 time.sleep(0.2)
+                if self.errors and not self.stop.is_set():  # a slot failed: the others checkpoint and stop
+                    self.stop.set()
+                    self.interrupt()
         except KeyboardInterrupt:
             self.log("launch: interrupted; asking the runs to checkpoint, then deleting the capacity")
             self.stop.set()
@@ -274,7 +276,6 @@ class _Driver:
             self.slot(slot, runs)
         except BaseException as e:  # reported by the main thread, after every slot cleaned up
             self.errors.append(e)
-            self.stop.set()
         finally:
             done.set()
 
@@ -314,6 +315,9 @@ class TpuVm(_Driver):
 
     def slot(self, slot: int, runs: list[Placed]) -> None:
         node, current = f"{self.prefix}-{slot}", None
+        if self.state(node) != "GONE":  # left by an earlier launch of this sweep that was killed
+            self.log(f"launch: {node}: left by an earlier launch; deleting it first")
+            self.delete(node)
         try:
             for p in runs:
                 if self.stop.is_set():
@@ -433,6 +437,8 @@ class Xpk(_Driver):
                 return
             name, started = p.run.name, time.time()
             command = commands.train_command(self.workdir, name, p.slice)
+            if self.ledger.records[name].get("status") == runner.RUNNING:  # an earlier launch was killed
+                self.call(commands.xpk_delete(self.o, p.name), check=False)
             self.call(commands.xpk_create(self.o, p.name, p.slice, command, PROJECT_ROOT))
             self.live.add(p.name)
             self.update(name, status=runner.RUNNING)

@@ -45,8 +45,9 @@ def experiment(family: str, arg: str | None) -> ml_collections.ConfigDict:
     cfg.data = ml_collections.ConfigDict({
         "corpus": "stdlib",  # stdlib | a text file | a directory | a glob | a .jsonl file
         "text_field": "text",  # the JSONL field holding each document's text
-        "tokenizer": "byte",  # byte | bpe
+        "tokenizer": "byte",  # byte | bpe | a Hugging Face tokenizer.json (or a directory holding one)
         "bpe_vocab_size": 4096,  # bpe: trained on the train split the first time
+        "vocab_multiple": 1,  # model.vocab_size 0 is the tokenizer's, rounded up to a multiple of this (e.g. 128)
         "val_fraction": 0.02,  # share of documents held out (by a hash of their id)
         "cache_dir": "~/.cache/scalax/tokens",  # token caches, reused while corpus and tokenizer are unchanged
         "prefetch": 16,  # batches read ahead

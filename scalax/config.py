@@ -200,7 +200,8 @@ def model_config(cfg: ml_collections.ConfigDict) -> ModelConfig:
     fields = cfg.model.to_dict()
     if fields.get("vocab_size") == 0:
         fields["vocab_size"] = tokenizers.vocab_size(cfg.data.get("tokenizer", "byte"),
-                                                     cfg.data.get("bpe_vocab_size", 0))
+                                                     cfg.data.get("bpe_vocab_size", 0),
+                                                     cfg.data.get("vocab_multiple", 1))
     return ModelConfig.from_dict(fields)
 
 

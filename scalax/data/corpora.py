@@ -27,7 +27,7 @@ from collections.abc import Iterator
 import numpy as np
 
 from scalax import io
-from scalax.data.tokenizers import BpeTokenizer, ByteTokenizer, bpe_path, check_name
+from scalax.data.tokenizers import BpeTokenizer, ByteTokenizer, bpe_path, check_name, is_file, load_file
 from scalax.errors import ConfigError
 from scalax.io import atomic_write_bytes, atomic_write_json
 
@@ -158,7 +158,10 @@ def check_text(corpus: str, docs: list[Document]) -> None:
 
 # ---------------------------------------------------------------------- token caches
 def cache_dir_for(data_cfg) -> str:
-    key = hashlib.sha256(f"{data_cfg.corpus}\n{data_cfg.text_field}\n{data_cfg.val_fraction}".encode()).hexdigest()
+    text = f"{data_cfg.corpus}\n{data_cfg.text_field}\n{data_cfg.val_fraction}"
+    if is_file(data_cfg.tokenizer):  # a cache per tokenizer file, so that switching files rebuilds nothing
+        text += f"\n{load_file(data_cfg.tokenizer).hash}"
+    key = hashlib.sha256(text.encode()).hexdigest()
     name = "stdlib" if data_cfg.corpus == "stdlib" else os.path.basename(data_cfg.corpus.rstrip("/*")) or "corpus"
     return io.join(os.path.expanduser(data_cfg.cache_dir), f"{name}-{key[:12]}")
 
@@ -210,6 +213,8 @@ def load_tokenizer(data_cfg, log=print):
     check_name(data_cfg.tokenizer)
     if data_cfg.tokenizer == "byte":
         return ByteTokenizer()
+    if is_file(data_cfg.tokenizer):
+        return load_file(data_cfg.tokenizer)
     directory = cache_dir_for(data_cfg)
     local = _local(directory)
     path = bpe_path(local)

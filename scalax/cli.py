@@ -83,9 +83,10 @@ def cmd_info(args: argparse.Namespace, overrides: list[str]) -> int:
     shapes = jax.eval_shape(lambda: Decoder(model_cfg).init(jax.random.key(0), tokens))["params"]
     counts = flops.count_params(shapes)
     per_token = flops.all_flops_per_token(model_cfg, seq_len)
+    data = _data_summary(cfg)
     if args.json:
         print(json.dumps({"model": model_cfg.to_dict(), "seq_len": seq_len, **counts,
-                          "flops_per_token": per_token}, indent=2))
+                          "flops_per_token": per_token, "data": data}, indent=2))
         return 0
     print("\n".join(_describe(model_cfg)))
     for key, value in counts.items():
@@ -93,7 +94,26 @@ def cmd_info(args: argparse.Namespace, overrides: list[str]) -> int:
     print(f"FLOPs per token at seq_len {seq_len} (training: forward + backward)")
     for convention, value in per_token.items():
         print(f"  {convention:<20} {value:>20,.0f}  ({value / 1e9:.3f} GFLOP)")
+    if data["unique_train_tokens"] is None:
+        print(f"data       {cfg.data.corpus}: not tokenized yet (scalax prepare, or the first train, builds the "
+              f"cache); this run trains on {data['train_tokens']:,} tokens")
+    else:
+        print(f"data       {cfg.data.corpus}: {data['unique_train_tokens']:,} unique training tokens; this run "
+              f"trains on {data['train_tokens']:,} tokens, {data['epochs']:.2f} epochs")
     return 0
+
+
+def _data_summary(cfg) -> dict:
+    """The training split's unique tokens (from a current token cache; None when there is none yet) and the
+    epochs a run makes over it."""
+    from scalax.data import corpora
+    from scalax.train.setup import total_steps
+
+    train_tokens = total_steps(cfg.train) * cfg.train.batch_size * cfg.train.seq_len
+    header = corpora.current_header(cfg.data)
+    return {"train_tokens": train_tokens,
+            "unique_train_tokens": header["counts"]["train"]["tokens"] if header else None,
+            "epochs": corpora.epochs(header, train_tokens) if header else None}
 
 
 def cmd_train(args: argparse.Namespace, overrides: list[str]) -> int:

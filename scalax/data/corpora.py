@@ -234,6 +234,25 @@ def load_tokenizer(data_cfg, log=print):
     return tok
 
 
+def current_header(data_cfg) -> dict | None:
+    """The token cache's header if the cache exists and is current for the corpus (None otherwise); reads no
+    token stream and builds nothing (for `scalax info`)."""
+    try:
+        path = io.join(cache_dir_for(data_cfg), "header.json")
+        if not io.exists(path):
+            return None
+        header = io.read_json(path)
+        current = fingerprint(data_cfg.corpus, data_cfg.text_field)
+    except (OSError, ValueError, ConfigError):
+        return None
+    return header if header.get("version") == CACHE_VERSION and header.get("fingerprint") == current else None
+
+
+def epochs(header: dict, tokens: int) -> float:
+    """Passes over the training split that `tokens` training tokens make."""
+    return tokens / max(header["counts"]["train"]["tokens"], 1)
+
+
 def load_splits(data_cfg, log=print) -> TokenSplits:
     """Token streams of the train and validation splits, from the cache when it is up to date."""
     tokenizer = load_tokenizer(data_cfg, log)

@@ -2,10 +2,11 @@
 ledger, and fits and plots at the end.
 
 `DIR/runs.jsonl` holds one record per run (name, status, overrides, N, D, C, final eval loss and bits/byte,
-wall seconds, the error), rewritten atomically on every change, so a killed sweep never doubles or loses a
-record. Started again, the runner skips finished runs and restarts the others, which resume from their own
-checkpoints (`DIR/runs/NAME`). A failed or diverged run is recorded and the sweep goes on. Each child gets
-SIGTERM when the runner dies (Linux), so it checkpoints instead of running on unsupervised.
+wall seconds, the training split's unique tokens and the epochs over it, the error), rewritten atomically on
+every change, so a killed sweep never doubles or loses a record. Started again, the runner skips finished runs
+and restarts the others, which resume from their own checkpoints (`DIR/runs/NAME`). A failed or diverged run
+is recorded and the sweep goes on. Each child gets SIGTERM when the runner dies (Linux), so it checkpoints
+instead of running on unsupervised.
 
 With `sweep.fit_device` set (v4, v5e, v5p, v6e, h100, h200, or a size such as 16GiB) and `sweep.fit_devices`
 (the slice's device count), each run is first planned (`scalax plan`: an ahead-of-time compile on that many
@@ -260,7 +261,8 @@ def run_result(workdir: str, name: str, returncode: int, seconds: float) -> dict
     if returncode == 0 and io.exists(summary_path):
         s = io.read_json(summary_path)
         return {"status": FINISHED, "eval_loss": s["eval_loss"], "eval_loss_se": s["eval_loss_se"],
-                "eval_bpb": s["eval_bpb"], "wall_seconds": s["wall_seconds"], "error": None}
+                "eval_bpb": s["eval_bpb"], "wall_seconds": s["wall_seconds"], "error": None,
+                "unique_train_tokens": s.get("unique_train_tokens"), "epochs": s.get("epochs")}
     with open(log_path(workdir, name), errors="replace") as f:
         lines = [line.strip() for line in f if line.strip()]
     error = lines[-1] if lines else f"exit status {returncode}"

@@ -91,6 +91,9 @@ def train(cfg: ConfigDict, workdir: str, log=_log, allow_changes: bool = False) 
     data = load_data(cfg, run, log)
     resolved = resolved_config(cfg)
     resolved["data"]["tokenizer_hash"] = data.tokenizer.hash
+    unique = data.header["counts"]["train"]["tokens"]  # what the run will see, and how often
+    resolved["data"]["unique_train_tokens"] = unique
+    resolved["data"]["epochs"] = corpora.epochs(data.header, run.steps * cfg.train.batch_size * cfg.train.seq_len)
     io.make_output_dir(workdir, "--workdir")
     checkpointer = Checkpointer(workdir, cfg.train.keep_checkpoints, every=cfg.train.checkpoint_every)
     try:
@@ -171,7 +174,8 @@ class Trainer:
         sizes = " x ".join(f"{a} {n}" for a, n in run.layout.mesh.shape.items())
         log(f"training {flops.params_total(run.model) / 1e6:.2f}M parameters for {run.steps} steps of "
             f"{self.tokens_per_step} tokens ({run.steps * self.tokens_per_step / 1e6:.1f}M tokens) on "
-            f"{data.header['counts']['train']['tokens'] / 1e6:.1f}M training tokens; mesh {sizes} "
+            f"{data.header['counts']['train']['tokens'] / 1e6:.1f}M training tokens "
+            f"({corpora.epochs(data.header, run.steps * self.tokens_per_step):.2f} epochs); mesh {sizes} "
             f"({jax.process_count()} process(es)); MFU against {self.peak / 1e12:.2f} TFLOP/s per device "
             f"({peak_source})")
 
@@ -255,6 +259,8 @@ class Trainer:
                         raise Preempted(f"preempted (SIGTERM): saved a checkpoint at step {step} in "
                                         f"{self.checkpointer.directory}; run the same command again to resume")
             summary.update(status="finished", step=steps, tokens=self.counters.tokens,
+                           unique_train_tokens=self.data.header["counts"]["train"]["tokens"],
+                           epochs=corpora.epochs(self.data.header, self.counters.tokens),
                            wall_seconds=self.counters.wall_seconds, **self.counters.flops(self.per_token))
             if self.writer:
                 io.atomic_write_json(io.join(self.workdir, "summary.json"), summary)

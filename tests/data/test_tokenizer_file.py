@@ -11,6 +11,7 @@ from scalax import cli
 from scalax import config as config_lib
 from scalax.data import corpora, tokenizers
 from scalax.errors import ConfigError
+from scalax.scaling import runner
 from tests.test_user_errors import one_line, run_cli
 
 TEXTS = ["document 7: héllo wörld", "  two  spaces\tand a tab\n", "日本語のテキスト and ASCII", "emoji 🙂 x", ""]
@@ -93,7 +94,7 @@ def test_vocabulary_follows_the_file_and_pads_when_asked(tmp_path, corpus):
 @pytest.mark.slow
 def test_a_model_trained_with_it_generates_text_of_the_same_file(tmp_path, corpus, capsys):
     path = make_tokenizer_json(tmp_path / "tok" / "tokenizer.json", [p.read_text() for p in corpus.iterdir()])
-    run = tmp_path / "run"
+    run = tmp_path / "runs" / "r1"  # a sweep's layout, for the ledger's record below
     common = [f"--config.data.tokenizer={path.parent}", f"--config.data.corpus={corpus}",
               f"--config.data.cache_dir={tmp_path / 'cache'}", "--config.train.steps=30",
               "--config.train.batch_size=8", "--config.train.seq_len=32", "--config.train.eval_windows=8",
@@ -102,6 +103,18 @@ def test_a_model_trained_with_it_generates_text_of_the_same_file(tmp_path, corpu
     assert rc == 0, err
     config = json.loads((run / "config.json").read_text())
     assert config["data"]["tokenizer_hash"] == tokenizers.load_file(str(path)).hash
+    # unique training tokens and epochs: the same in the run's config, its summary, the ledger and `scalax info`
+    unique = len(corpora.load_splits(ConfigDict(config["data"])).train)  # the token stream, counted
+    trained = 30 * 8 * 32
+    summary = json.loads((run / "summary.json").read_text())
+    assert config["data"]["unique_train_tokens"] == summary["unique_train_tokens"] == unique
+    assert config["data"]["epochs"] == summary["epochs"] == trained / unique
+    record = runner.run_result(str(tmp_path), "r1", 0, 1.0)
+    assert (record["unique_train_tokens"], record["epochs"]) == (unique, trained / unique)
+    rc, out, err = run_cli(capsys, "info", "--config=configs/llama.py:size=tiny", "--json", *common)
+    info = json.loads(out)["data"]
+    assert rc == 0 and (info["unique_train_tokens"], info["epochs"], info["train_tokens"]) == \
+        (unique, trained / unique, trained)
     rc, out, err = run_cli(capsys, "generate", f"--checkpoint={run}", "--prompt=document 3: héllo", "--max-tokens=12",
                            "--json")
     assert rc == 0, err

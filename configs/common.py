@@ -47,6 +47,7 @@ def experiment(family: str, arg: str | None) -> ml_collections.ConfigDict:
         "text_field": "text",  # the JSONL field holding each document's text
         "tokenizer": "byte",  # byte | bpe | a Hugging Face tokenizer.json (or a directory holding one)
         "bpe_vocab_size": 4096,  # bpe: trained on the train split the first time
+        "token_dtype": "",  # a pre-tokenized .bin corpus (nanoGPT-style): uint16 or uint32
         "vocab_multiple": 1,  # model.vocab_size 0 is the tokenizer's, rounded up to a multiple of this (e.g. 128)
         "val_fraction": 0.02,  # share of documents held out (by a hash of their id)
         "cache_dir": "~/.cache/scalax/tokens",  # token caches, reused while corpus and tokenizer are unchanged

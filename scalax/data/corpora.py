@@ -6,6 +6,10 @@ a text file, a directory (every file below it, sorted), a glob, or a JSONL file 
 `data.text_field`). Documents go to the validation split when a stable hash of their id falls below
 `data.val_fraction`; a corpus too small for that (one file, say) has its token stream's tail as validation.
 
+Pre-tokenized corpora, read as they are (no tokenizing): a scalax token cache directory (`scalax prepare`'s
+output elsewhere: header.json, train.bin, val.bin), or nanoGPT-style flat token files: one `.bin` (its tail
+becomes validation) or a directory with `train.bin` and `val.bin`, of `data.token_dtype` (uint16 or uint32).
+
 Token caches: each split tokenized once into a flat array (uint16, or uint32 for vocabularies over 65,536)
 with a JSON header (tokenizer hash, corpus fingerprint, counts), written atomically and reused while the
 corpus and tokenizer are unchanged; read back memory-mapped. A `gs://` cache_dir is read and built through a
@@ -105,8 +109,8 @@ def documents(corpus: str, text_field: str = "text") -> Iterator[Document]:
     """The corpus's documents in a fixed order."""
     for doc_id, path in _corpus_files(corpus):
         if path.lower().endswith(BINARY_SUFFIXES):
-            what = ("a token file (nanoGPT-style .bin files are not read yet)" if path.endswith(".bin") else
-                    "not a text file")
+            what = ("a token file (name the .bin itself, or a directory of train.bin and val.bin, as data.corpus)"
+                    if path.endswith(".bin") else "not a text file")
             raise ConfigError("data.corpus", f"{path} is {what}; allowed: text files, directories or globs of them, "
                               "and .jsonl")
         if path.endswith(".jsonl"):
@@ -237,6 +241,15 @@ def load_tokenizer(data_cfg, log=print):
 def current_header(data_cfg) -> dict | None:
     """The token cache's header if the cache exists and is current for the corpus (None otherwise); reads no
     token stream and builds nothing (for `scalax info`)."""
+    kind = pretokenized(data_cfg.corpus)
+    if kind == "cache":
+        return io.read_json(io.join(data_cfg.corpus, "header.json"))
+    if kind == "bin":
+        try:
+            streams = _bin_streams(data_cfg)
+        except ConfigError:
+            return None
+        return {"counts": {s: {"tokens": len(streams[s])} for s in SPLITS}}
     try:
         path = io.join(cache_dir_for(data_cfg), "header.json")
         if not io.exists(path):
@@ -253,8 +266,81 @@ def epochs(header: dict, tokens: int) -> float:
     return tokens / max(header["counts"]["train"]["tokens"], 1)
 
 
+# ---------------------------------------------------------------------- pre-tokenized corpora
+def pretokenized(corpus: str) -> str | None:
+    """"cache" (a scalax token cache), "bin" (nanoGPT-style token files) or None (a text corpus)."""
+    if corpus == "stdlib" or any(c in corpus for c in "*?[") or not os.path.exists(corpus):
+        return None
+    if os.path.isdir(corpus):
+        has = {name: os.path.isfile(os.path.join(corpus, name)) for name in ("header.json", "train.bin", "val.bin")}
+        if has["header.json"] and has["train.bin"]:
+            return "cache"
+        return "bin" if has["train.bin"] and has["val.bin"] else None
+    return "bin" if corpus.endswith(".bin") else None
+
+
+def _token_file(path: str, dtype: str) -> np.ndarray:
+    size, itemsize = os.path.getsize(path), np.dtype(dtype).itemsize
+    if size % itemsize:
+        raise ConfigError("data.token_dtype", f"{path} has {size:,} bytes, not a whole number of {dtype} tokens "
+                          f"({itemsize} bytes each); allowed: the dtype the file was written with (uint16, uint32)")
+    return np.memmap(path, dtype=dtype, mode="r", shape=(size // itemsize,)) if size else np.zeros(0, dtype)
+
+
+def _bin_streams(data_cfg) -> dict[str, np.ndarray]:
+    """A nanoGPT-style corpus's train and val streams (memory-mapped)."""
+    dtype = data_cfg.get("token_dtype", "")
+    if dtype not in ("uint16", "uint32"):
+        raise ConfigError("data.token_dtype", f"{data_cfg.corpus} holds token ids; say their dtype: uint16 "
+                          f"(nanoGPT's GPT-2 files) or uint32 (got {dtype!r})")
+    corpus = data_cfg.corpus
+    if os.path.isdir(corpus):
+        return {s: _token_file(os.path.join(corpus, f"{s}.bin"), dtype) for s in SPLITS}
+    tokens = _token_file(corpus, dtype)
+    cut = len(tokens) - max(1, int(len(tokens) * data_cfg.val_fraction))
+    return {"train": tokens[:cut], "val": tokens[cut:]}
+
+
+def _load_pretokenized(data_cfg, kind: str, log) -> TokenSplits:
+    corpus = data_cfg.corpus
+    if kind == "cache":
+        with open(os.path.join(corpus, "header.json")) as f:
+            header = json.load(f)
+        own_bpe = os.path.join(corpus, "tokenizer.json")
+        tokenizer = (BpeTokenizer.load(own_bpe) if data_cfg.tokenizer == "bpe" and os.path.isfile(own_bpe)
+                     else load_tokenizer(data_cfg, log))
+        made_by = header.get("tokenizer", {})
+        if made_by.get("hash") != tokenizer.hash:
+            raise ConfigError("data.tokenizer", f"{corpus} was tokenized by {made_by.get('name')} (hash "
+                              f"{made_by.get('hash', '')[:12]}), not by {tokenizer.name} (hash {tokenizer.hash[:12]});"
+                              " allowed: the tokenizer that made it")
+        arrays = {s: _token_file(os.path.join(corpus, f"{s}.bin"), header["dtype"]) for s in SPLITS}
+        return TokenSplits(arrays["train"], arrays["val"], header, tokenizer)
+    if data_cfg.tokenizer == "bpe":
+        raise ConfigError("data.tokenizer", f"{corpus} holds token ids: name the tokenizer that made them (byte, or "
+                          "its tokenizer.json), not a BPE to train")
+    tokenizer = load_tokenizer(data_cfg, log)
+    streams = _bin_streams(data_cfg)
+    # bits per byte need the bytes: those of the validation split, decoded; the training split's are estimated
+    val_bytes = len(tokenizer.decode(int(i) for i in streams["val"]).encode())
+    per_token = val_bytes / max(len(streams["val"]), 1)
+    counts = {s: {"documents": 0, "tokens": len(streams[s]),
+                  "bytes": val_bytes if s == "val" else len(streams[s]) * per_token} for s in SPLITS}
+    max_id = max((int(streams[s].max()) for s in SPLITS if len(streams[s])), default=0)
+    header = {"version": CACHE_VERSION, "corpus": corpus, "pretokenized": "bin", "dtype": streams["train"].dtype.name,
+              "tokenizer": {"name": tokenizer.name, "hash": tokenizer.hash, "vocab_size": tokenizer.vocab_size},
+              "max_token_id": max_id, "counts": counts, "train_bytes_estimated": True}
+    log(f"{corpus}: {counts['train']['tokens']:,} train and {counts['val']['tokens']:,} validation tokens "
+        f"({streams['train'].dtype.name}), read as they are")
+    return TokenSplits(streams["train"], streams["val"], header, tokenizer)
+
+
 def load_splits(data_cfg, log=print) -> TokenSplits:
-    """Token streams of the train and validation splits, from the cache when it is up to date."""
+    """Token streams of the train and validation splits: a pre-tokenized corpus as it is, or a text corpus's
+    token cache (built when it is missing or out of date)."""
+    kind = pretokenized(data_cfg.corpus)
+    if kind:
+        return _load_pretokenized(data_cfg, kind, log)
     tokenizer = load_tokenizer(data_cfg, log)
     directory = cache_dir_for(data_cfg)
     local = _local(directory)

@@ -1,10 +1,11 @@
 """Corpora and token caches.
 
 A corpus is `stdlib` (the running interpreter's Python standard library: every `.py` file under
-`sysconfig.get_paths()["stdlib"]` outside site-packages, sorted; the same everywhere for one Python version),
-a text file, a directory (every file below it, sorted), a glob, or a JSONL file (one document per line, its
-`data.text_field`). Documents go to the validation split when a stable hash of their id falls below
-`data.val_fraction`; a corpus too small for that (one file, say) has its token stream's tail as validation.
+`sysconfig.get_paths()["stdlib"]` outside site-packages, sorted; the same everywhere for one Python version), a
+text file, a directory (every file below it, sorted), a glob, or a table of documents, one per row, its
+`data.text_field`: JSONL (plain, gzip or zstd), Parquet, Arrow, or a `datasets` directory saved to disk.
+Documents go to the validation split when a stable hash of their id falls below `data.val_fraction`; a corpus
+too small for that (one file, say) has its token stream's tail as validation.
 
 Pre-tokenized corpora, read as they are (no tokenizing): a scalax token cache directory (`scalax prepare`'s
 output elsewhere: header.json, train.bin, val.bin), or nanoGPT-style flat token files: one `.bin` (its tail
@@ -86,6 +87,8 @@ def _corpus_files(corpus: str) -> list[tuple[str, str]]:
         paths = []
         for dirpath, dirnames, filenames in os.walk(corpus):
             dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+            if "state.json" in filenames and any(f.endswith(".arrow") for f in filenames):
+                filenames = [f for f in filenames if f.endswith(".arrow")]  # a `datasets` save_to_disk directory
             paths += [os.path.join(dirpath, f) for f in filenames if not f.startswith(".")]
         return [(os.path.relpath(p, corpus), p) for p in sorted(paths)]
     if os.path.isfile(corpus):
@@ -105,29 +108,104 @@ def fingerprint(corpus: str, text_field: str) -> str:
     return h.hexdigest()
 
 
+TABLE_SUFFIXES = (".parquet", ".arrow")  # a column of text per row (pyarrow: pip install 'scalax-lm[data]')
+JSONL_SUFFIXES = (".jsonl", ".jsonl.gz", ".jsonl.zst")
+
+
 def documents(corpus: str, text_field: str = "text") -> Iterator[Document]:
-    """The corpus's documents in a fixed order."""
+    """The corpus's documents in a fixed order: a text file is one; a JSONL line (plain, gzip or zstd), a Parquet
+    or Arrow row (a `datasets` directory saved to disk is its .arrow files) is one, its `text_field`."""
     for doc_id, path in _corpus_files(corpus):
-        if path.lower().endswith(BINARY_SUFFIXES):
+        lower = path.lower()
+        if lower.endswith(JSONL_SUFFIXES):
+            yield from _jsonl_documents(doc_id, path, text_field)
+        elif lower.endswith(TABLE_SUFFIXES):
+            yield from _table_documents(doc_id, path, text_field)
+        elif lower.endswith(BINARY_SUFFIXES):
             what = ("a token file (name the .bin itself, or a directory of train.bin and val.bin, as data.corpus)"
                     if path.endswith(".bin") else "not a text file")
             raise ConfigError("data.corpus", f"{path} is {what}; allowed: text files, directories or globs of them, "
-                              "and .jsonl")
-        if path.endswith(".jsonl"):
-            with open(path, "rb") as f:
-                for line_no, line in enumerate(f, 1):
-                    if not line.strip():
-                        continue
-                    try:
-                        record = json.loads(line)
-                        text = record[text_field]
-                    except (json.JSONDecodeError, KeyError, TypeError):
-                        raise ConfigError("data.text_field", f"{path}:{line_no} is not a JSON object with a "
-                                          f"{text_field!r} field") from None
-                    yield Document(str(record.get("id", f"{doc_id}:{line_no}")), str(text).encode("utf-8"))
+                              f"{', '.join(JSONL_SUFFIXES + TABLE_SUFFIXES)}")
         else:
             with open(path, "rb") as f:
                 yield Document(doc_id, f.read())
+
+
+def _open_jsonl(path: str):
+    """A binary file object over the lines of a JSONL file, decompressing gzip or zstd as it reads."""
+    if path.lower().endswith(".gz"):
+        import gzip
+
+        return gzip.open(path, "rb")
+    if path.lower().endswith(".zst"):
+        import io as std_io
+
+        try:
+            import zstandard
+        except ImportError:
+            raise ConfigError("data.corpus", f"{path} is zstd-compressed: pip install 'scalax-lm[data]' (zstandard) "
+                              "to read it") from None
+        return std_io.BufferedReader(zstandard.ZstdDecompressor().stream_reader(open(path, "rb"), closefd=True))
+    return open(path, "rb")
+
+
+def _jsonl_documents(doc_id: str, path: str, text_field: str) -> Iterator[Document]:
+    try:
+        with _open_jsonl(path) as lines:
+            for line_no, line in enumerate(lines, 1):
+                if not line.strip():
+                    continue
+                try:
+                    record = json.loads(line)
+                    text = record[text_field]
+                except (json.JSONDecodeError, KeyError, TypeError):
+                    raise ConfigError("data.text_field", f"{path}:{line_no} is not a JSON object with a "
+                                      f"{text_field!r} field") from None
+                yield Document(str(record.get("id", f"{doc_id}:{line_no}")), str(text).encode("utf-8"))
+    except ConfigError:
+        raise
+    except Exception as e:  # a damaged gzip or zstd stream (OSError, EOFError, zstandard.ZstdError)
+        raise ConfigError("data.corpus", f"{path} cannot be read: {str(e).strip()[:200]}") from None
+
+
+def _table_documents(doc_id: str, path: str, text_field: str) -> Iterator[Document]:
+    """Rows of a Parquet file or an Arrow file (IPC stream, as `datasets` saves, or file format), read in
+    record batches so that memory stays bounded."""
+    try:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise ConfigError("data.corpus", f"{path} is a table: pip install 'scalax-lm[data]' (pyarrow) to read "
+                          "it") from None
+    try:
+        if path.lower().endswith(".parquet"):
+            source = pq.ParquetFile(path)
+            schema, batches = source.schema_arrow, source.iter_batches(batch_size=1024)
+        else:
+            try:
+                reader = pa.ipc.open_stream(pa.memory_map(path))
+            except pa.ArrowInvalid:
+                reader = pa.ipc.open_file(pa.memory_map(path))
+            schema = reader.schema
+            batches = (reader.get_batch(i) for i in range(reader.num_record_batches)) \
+                if hasattr(reader, "num_record_batches") else iter(reader)
+    except (pa.ArrowException, OSError) as e:
+        kind = "Parquet" if path.lower().endswith(".parquet") else "Arrow"
+        raise ConfigError("data.corpus", f"{path} cannot be read as {kind}: "
+                          f"{str(e).strip().splitlines()[0][:200]}") from None
+    if text_field not in schema.names:
+        raise ConfigError("data.text_field", f"{path} has no column {text_field!r}; its columns: "
+                          f"{', '.join(schema.names[:10])}")
+    row = 0
+    try:
+        for batch in batches:
+            texts = batch.column(schema.names.index(text_field)).to_pylist()
+            ids = batch.column(schema.names.index("id")).to_pylist() if "id" in schema.names else None
+            for i, text in enumerate(texts):
+                yield Document(str(ids[i]) if ids else f"{doc_id}:{row + i}", str(text or "").encode("utf-8"))
+            row += len(texts)
+    except (pa.ArrowException, OSError) as e:  # a damaged page or batch, found while reading
+        raise ConfigError("data.corpus", f"{path}: row {row}: {str(e).strip().splitlines()[0][:200]}") from None
 
 
 def is_validation(doc_id: str, val_fraction: float) -> bool:

@@ -142,7 +142,8 @@ def cmd_prepare(args: argparse.Namespace, overrides: list[str]) -> int:
     counts = splits.header["counts"]
     print(f"{cfg.data.corpus}: {counts['train']['tokens']:,} train and {counts['val']['tokens']:,} validation "
           f"tokens ({splits.tokenizer.name}, vocabulary {splits.tokenizer.vocab_size}, "
-          f"{splits.bytes_per_token():.3f} bytes/token) in {corpora.cache_dir_for(cfg.data)}")
+          f"{splits.bytes_per_token():.3f} bytes/token) in "
+          f"{cfg.data.corpus if corpora.pretokenized(cfg.data.corpus) else corpora.cache_dir_for(cfg.data)}")
     return 0
 
 

@@ -131,12 +131,14 @@ def test_corpora_that_are_not_text(capsys, tmp_path):
     for i in range(3):
         (tmp_path / "mixed" / f"{i}.txt").write_text("print('hello')\n" * 2000)
     (tmp_path / "mixed" / "latin1.txt").write_bytes("café\n".encode("latin-1") * 20)  # a little: allowed
-    for corpus, words in ((tmp_path / "random.dat", "is not text"), (tmp_path / "train.bin", "a token file")):
+    # a token file is read as one only with its dtype stated (#13): without it, the line asks for data.token_dtype
+    for corpus, key, words in ((tmp_path / "random.dat", "data.corpus", "is not text"),
+                               (tmp_path / "train.bin", "data.token_dtype", "holds token ids")):
         rc, _, err = run_cli(capsys, "prepare", "--config=configs/llama.py", f"--config.data.corpus={corpus}",
                              f"--config.data.cache_dir={tmp_path / 'cache'}")
         assert rc == cli.EXIT_USER_ERROR
         line = one_line(err)
-        assert "data.corpus" in line and str(corpus) in line and words in line, line
+        assert key in line and str(corpus) in line and words in line, line
     rc, _, err = run_cli(capsys, "prepare", "--config=configs/llama.py", f"--config.data.corpus={tmp_path / 'mixed'}",
                          f"--config.data.cache_dir={tmp_path / 'cache'}")
     assert rc == 0, err

@@ -400,7 +400,10 @@ def _load_pretokenized(data_cfg, kind: str, log) -> TokenSplits:
     tokenizer = load_tokenizer(data_cfg, log)
     streams = _bin_streams(data_cfg)
     # bits per byte need the bytes: those of the validation split, decoded; the training split's are estimated
-    val_bytes = len(tokenizer.decode(int(i) for i in streams["val"]).encode())
+    if isinstance(tokenizer, ByteTokenizer):  # a token below 256 is a byte, whether or not it is UTF-8
+        val_bytes = int(np.count_nonzero(np.asarray(streams["val"]) < 256))
+    else:
+        val_bytes = len(tokenizer.decode(int(i) for i in streams["val"]).encode())
     per_token = val_bytes / max(len(streams["val"]), 1)
     counts = {s: {"documents": 0, "tokens": len(streams[s]),
                   "bytes": val_bytes if s == "val" else len(streams[s]) * per_token} for s in SPLITS}

@@ -56,6 +56,10 @@ def test_bin_files_and_a_cache_read_as_the_text_tokenizes(tmp_path, text_corpus,
                               lambda m: None)
     cut = len(whole) - int(len(whole) * 0.1)
     assert np.array_equal(one.train, whole[:cut]) and np.array_equal(one.val, whole[cut:])
+    # byte tokens that are not UTF-8 (every value 0..255): still one byte each
+    np.tile(np.arange(256, dtype=np.uint16), 40).tofile(tmp_path / "bytes.bin")
+    raw = corpora.load_splits(data_config(tmp_path / "bytes.bin", tmp_path, token_dtype="uint16"), lambda m: None)
+    assert raw.bytes_per_token("val") == 1.0
 
 
 def test_mistakes_are_one_line(tmp_path, text_corpus, nanogpt_dir):

@@ -113,12 +113,14 @@ def load_file(tokenizer: str) -> FileTokenizer:
     if not io.isfile(path):
         raise ConfigError("data.tokenizer", f"unknown tokenizer {tokenizer!r}: not byte or bpe, and no such file; "
                           "allowed: byte, bpe, or a Hugging Face tokenizer.json (or a directory holding one)")
-    serialized = io.read_text(path, errors="replace")
-    return _parse(serialized, path)
+    stamp = os.stat(path).st_mtime_ns if not io.is_remote(path) else io.getsize(path)
+    return _read(path, stamp)
 
 
 @functools.lru_cache(maxsize=8)
-def _parse(serialized: str, path: str) -> FileTokenizer:
+def _read(path: str, stamp: int) -> FileTokenizer:
+    """Read and parse once per process (config, cache key and data all ask); again if the file changed."""
+    serialized = io.read_text(path, errors="replace")
     try:
         tok = Tokenizer.from_str(serialized)
     except Exception as e:  # tokenizers raises a bare Exception for a malformed file

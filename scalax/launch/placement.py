@@ -18,9 +18,13 @@ from scalax import io
 from scalax.launch.tpus import Slice, device_memory, slices_up_to
 from scalax.parallel.devices import human
 
+# What does not change the compiled step: where the data is and how it is read (the tokenizer stays: the vocabulary)
+_NOT_PLANNED = ("corpus", "cache_dir", "prefetch", "text_field", "val_fraction", "token_dtype")
+
 
 def _key(config: dict, devices: int) -> str:
-    text = json.dumps({"config": config, "devices": devices}, sort_keys=True)
+    data = {k: v for k, v in config.get("data", {}).items() if k not in _NOT_PLANNED}
+    text = json.dumps({"config": {**config, "data": data}, "devices": devices}, sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()[:32]
 
 

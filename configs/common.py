@@ -51,6 +51,7 @@ def experiment(family: str, arg: str | None) -> ml_collections.ConfigDict:
         "vocab_multiple": 1,  # model.vocab_size 0 is the tokenizer's, rounded up to a multiple of this (e.g. 128)
         "val_fraction": 0.02,  # share of documents held out (by a hash of their id)
         "cache_dir": "~/.cache/scalax/tokens",  # token caches, reused while corpus and tokenizer are unchanged
+        "shard_tokens": 100_000_000,  # tokens per shard file of a token cache (the last of a split holds fewer)
         "prefetch": 16,  # batches read ahead
     })
     # Axis sizes (-1: the devices left over; the product is the device count) and the logical axis rules

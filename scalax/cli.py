@@ -137,8 +137,10 @@ def cmd_prepare(args: argparse.Namespace, overrides: list[str]) -> int:
     from scalax import config as config_lib
     from scalax.data import corpora
 
+    if args.workers < 0:
+        raise ConfigError("--workers", f"must be a positive integer (or 0: one per core), got {args.workers}")
     cfg = config_lib.load(args.config, overrides)
-    splits = corpora.load_splits(cfg.data)
+    splits = corpora.load_splits(cfg.data, workers=args.workers or None)
     counts = splits.header["counts"]
     print(f"{cfg.data.corpus}: {counts['train']['tokens']:,} train and {counts['val']['tokens']:,} validation "
           f"tokens ({splits.tokenizer.name}, vocabulary {splits.tokenizer.vocab_size}, "
@@ -398,6 +400,7 @@ def build_parser() -> argparse.ArgumentParser:
     prepare = sub.add_parser("prepare", help="tokenize the corpus (and train a BPE) ahead of training",
                              description=overrides, **kw)
     prepare.add_argument("--config", required=True, help="config file and argument, e.g. configs/llama.py:size=tiny")
+    prepare.add_argument("--workers", type=int, default=0, help="tokenizing processes (default: one per core)")
     prepare.set_defaults(func=cmd_prepare)
 
     sweep = sub.add_parser("sweep", help="run a sweep (resumable), then fit and plot", description=overrides + " "

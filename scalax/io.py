@@ -135,6 +135,11 @@ def read_bytes(path: str) -> bytes:
     return _fs(path).cat_file(path)
 
 
+def read_range(path: str, start: int, end: int) -> bytes:
+    """Bytes [start, end) of a file: on GCS one ranged GET."""
+    return _fs(path).cat_file(path, start=start, end=end)
+
+
 def read_text(path: str, errors: str = "strict") -> str:
     return read_bytes(path).decode("utf-8", errors=errors)
 

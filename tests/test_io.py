@@ -139,7 +139,8 @@ def test_token_cache_on_a_bucket_is_built_once_and_read_elsewhere(bucket, tmp_pa
     assert any("tokenizing" in line for line in first_log)
     assert not any("tokenizing" in line or "training" in line for line in second_log), second_log
     [name] = io.listdir(f"{bucket}/cache")
-    assert io.listdir(f"{bucket}/cache/{name}") == ["header.json", "tokenizer.json", "train.bin", "val.bin"]
+    assert io.listdir(f"{bucket}/cache/{name}") == ["header.json", "tokenizer.json", "train-00000.bin",
+                                                       "val-00000.bin"]
     for splits in (first, second):
         assert splits.tokenizer.hash == local.tokenizer.hash and splits.header == local.header
         np.testing.assert_array_equal(splits.train, local.train)

@@ -92,8 +92,12 @@ def test_broken_config_files_are_one_line(capsys, tmp_path):
     (["sweep", "--config=configs/llama.py", "--workdir={tmp}/s"], "--config", "not a sweep config"),
     (["plot", "{tmp}/notasweep"], "sweep.json", "not a sweep config"),
     (["plot", "{tmp}"], "scalax plot", "not a sweep directory"),
+    (["prepare", "--config=configs/llama.py", "--workers=-2"], "--workers", "one per core"),
+    (["prepare", "--config=configs/llama.py", "--config.data.shard_tokens=0", "--config.data.corpus={tmp}/one.txt",
+      "--config.data.cache_dir={tmp}/cache"], "data.shard_tokens", "positive integer"),
 ])
 def test_cli_mistakes_one_line(capsys, tmp_path, argv, key, words):
+    (tmp_path / "one.txt").write_text("a document")
     (tmp_path / "notasweep").mkdir()
     (tmp_path / "notasweep" / "sweep.json").write_text(json.dumps(config_lib.load("configs/llama.py").to_dict()))
     rc, _, err = run_cli(capsys, *[a.format(tmp=tmp_path) for a in argv])

@@ -8,12 +8,12 @@ Documents go to the validation split when a stable hash of their id falls below 
 too small for that (one file, say) has its token stream's tail as validation.
 
 Pre-tokenized corpora, read as they are (no tokenizing): a scalax token cache directory (`scalax prepare`'s
-output elsewhere: header.json, train.bin, val.bin), or nanoGPT-style flat token files: one `.bin` (its tail
+output elsewhere: header.json and its shards), or nanoGPT-style flat token files: one `.bin` (its tail
 becomes validation) or a directory with `train.bin` and `val.bin`, of `data.token_dtype` (uint16 or uint32).
 
-Token caches: each split tokenized once into a flat array (uint16, or uint32 for vocabularies over 65,536)
-with a JSON header (tokenizer hash, corpus fingerprint, counts), written atomically and reused while the
-corpus and tokenizer are unchanged; read back memory-mapped. A `gs://` cache_dir is read and built through a
+Token caches: both splits tokenized once, streaming and in parallel, into fixed-size shard files with an index
+(shards.py: tokenizer hash, corpus fingerprint, counts), resumable after a kill and reused while the corpus and
+tokenizer are unchanged; read back memory-mapped. A `gs://` cache_dir is read and built through a
 local mirror (io.local_mirror): the bucket's cache is downloaded when the mirror lacks it or holds another
 version, and a cache built here is uploaded, its header last (a header on the bucket means a complete cache).
 """
@@ -32,16 +32,15 @@ from collections.abc import Iterator
 import numpy as np
 
 from scalax import io
+from scalax.data import shards
 from scalax.data.tokenizers import BpeTokenizer, ByteTokenizer, bpe_path, check_name, is_file, load_file
 from scalax.errors import ConfigError
-from scalax.io import atomic_write_bytes, atomic_write_json
+from scalax.io import atomic_write_bytes
 
-CACHE_VERSION = 1
-SPLITS = ("train", "val")
+SPLITS = shards.SPLITS
 # Files that hold no text: read as text they would train silently on bytes of another format.
 BINARY_SUFFIXES = (".bin", ".npy", ".npz", ".parquet", ".arrow", ".gz", ".zst", ".bz2", ".xz", ".zip", ".tar",
                    ".safetensors", ".pt", ".pkl")
-MAX_UNDECODABLE = 0.01  # share of a corpus's bytes that may be invalid UTF-8 or NUL (the stdlib: 2e-6)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -215,27 +214,16 @@ def is_validation(doc_id: str, val_fraction: float) -> bool:
 
 
 def split_documents(corpus: str, text_field: str, val_fraction: float) -> dict[str, list[Document]]:
+    """Both splits' documents, in memory (a reference for tests; the cache is built streaming, shards.build)."""
     splits: dict[str, list[Document]] = {"train": [], "val": []}
     for doc in documents(corpus, text_field):
         splits["val" if is_validation(doc.id, val_fraction) else "train"].append(doc)
-    check_text(corpus, splits["train"] + splits["val"])
     return splits
 
 
-def undecodable_bytes(data: bytes) -> int:
-    """Bytes that are not UTF-8 text: each invalid sequence (one replacement character) and each NUL."""
-    return data.decode("utf-8", errors="replace").count("\ufffd") + data.count(b"\0")
-
-
-def check_text(corpus: str, docs: list[Document]) -> None:
-    """Refuse a corpus more than MAX_UNDECODABLE of whose bytes are not text (a binary file, a token file)."""
-    bad = [(undecodable_bytes(d.data), d.id) for d in docs]
-    total = sum(len(d.data) for d in docs)
-    share = sum(n for n, _ in bad) / max(total, 1)
-    if share > MAX_UNDECODABLE:
-        worst = ", ".join(f"{doc_id} ({n:,} bytes)" for n, doc_id in sorted(bad, reverse=True)[:3] if n)
-        raise ConfigError("data.corpus", f"{corpus} is not text: {share:.1%} of its bytes are invalid UTF-8 or NUL "
-                          f"(most in {worst}); allowed: at most {MAX_UNDECODABLE:.0%}, text files or .jsonl")
+def train_documents(corpus: str, text_field: str, val_fraction: float) -> Iterator[bytes]:
+    """The train split's documents' bytes, streamed (what a BPE trains on)."""
+    return (doc.data for doc in documents(corpus, text_field) if not is_validation(doc.id, val_fraction))
 
 
 # ---------------------------------------------------------------------- token caches
@@ -249,24 +237,17 @@ def cache_dir_for(data_cfg) -> str:
 
 
 def _local(directory: str) -> str:
-    """The cache directory as a local one: `directory` itself, or a gs:// cache's local mirror, brought up to
-    date with the bucket (a small file compared whole; the token streams fetched when the header differs)."""
+    """The cache directory as a local one: `directory` itself, or a gs:// cache's local mirror, its trained BPE
+    (tokenizer.json) brought up to date with the bucket's. Shards on the bucket are read there, by window."""
     if not io.is_remote(directory):
         return directory
     io.check_output_dir(directory, "data.cache_dir")
     local = io.local_mirror(directory)
-    for name in ("tokenizer.json", "header.json"):
-        remote = io.join(directory, name)
-        if not io.exists(remote):
-            continue
-        data, here = io.read_bytes(remote), os.path.join(local, name)
-        if os.path.isfile(here) and io.read_bytes(here) == data:
-            continue
-        if name == "header.json":  # the streams of that header first; the header last, as when building
-            for split in SPLITS:
-                streams = io.read_bytes(io.join(directory, f"{split}.bin"))
-                atomic_write_bytes(os.path.join(local, f"{split}.bin"), streams)
-        atomic_write_bytes(here, data)
+    remote, here = io.join(directory, "tokenizer.json"), os.path.join(local, "tokenizer.json")
+    if io.exists(remote):
+        data = io.read_bytes(remote)
+        if not os.path.isfile(here) or io.read_bytes(here) != data:
+            atomic_write_bytes(here, data)
     return local
 
 
@@ -275,19 +256,6 @@ def _publish(local: str, directory: str, names: list[str]) -> None:
     if local != directory:
         for name in names:
             io.upload(os.path.join(local, name), io.join(directory, name))
-
-
-def _encode(tokenizer, docs: list[Document]) -> np.ndarray:
-    """Documents joined into one stream, each followed by the end-of-text token."""
-    if isinstance(tokenizer, BpeTokenizer):
-        pieces = tokenizer.encode_batch([d.data for d in docs])
-    else:
-        pieces = [tokenizer.encode(d.data) for d in docs]
-    eos = np.asarray([tokenizer.eos_id])
-    dtype = np.uint16 if tokenizer.vocab_size <= 2**16 else np.uint32
-    if not pieces:
-        return np.zeros(0, dtype)
-    return np.concatenate([np.concatenate([p, eos]) for p in pieces]).astype(dtype)
 
 
 def load_tokenizer(data_cfg, log=print):
@@ -307,13 +275,27 @@ def load_tokenizer(data_cfg, log=print):
         log(f"tokenizer {path} has {tok.vocab_size} tokens, more than data.bpe_vocab_size="
             f"{data_cfg.bpe_vocab_size}; training a new one")
     log(f"training a BPE tokenizer of {data_cfg.bpe_vocab_size} tokens on the train split of {data_cfg.corpus}")
-    splits = split_documents(data_cfg.corpus, data_cfg.text_field, data_cfg.val_fraction)
-    if not splits["train"]:
+    seen = {"bytes": 0, "bad": 0, "worst": []}
+
+    def texts() -> Iterator[bytes]:  # streamed into the trainer, checked for text on the way
+        for data in train_documents(data_cfg.corpus, data_cfg.text_field, data_cfg.val_fraction):
+            bad = shards.undecodable_bytes(data)
+            seen["bytes"] += len(data)
+            seen["bad"] += bad
+            seen["worst"] = sorted(seen["worst"] + [[bad, "a train document"]], reverse=True)[:3]
+            yield data
+
+    tok = BpeTokenizer.train(texts(), data_cfg.bpe_vocab_size)
+    if not seen["bytes"]:
         raise ConfigError("data.corpus", f"{data_cfg.corpus} is empty")
-    tok = BpeTokenizer.train((d.data for d in splits["train"]), data_cfg.bpe_vocab_size)
+    shards.check_text(data_cfg.corpus, seen["bytes"], seen["bad"], seen["worst"])
     atomic_write_bytes(path, tok.to_str().encode())
     _publish(local, directory, [os.path.basename(path)])
     return tok
+
+
+def _current(header: dict | None, fingerprint_now: str) -> bool:
+    return bool(header) and header.get("version") == shards.VERSION and header.get("fingerprint") == fingerprint_now
 
 
 def current_header(data_cfg) -> dict | None:
@@ -333,10 +315,10 @@ def current_header(data_cfg) -> dict | None:
         if not io.exists(path):
             return None
         header = io.read_json(path)
-        current = fingerprint(data_cfg.corpus, data_cfg.text_field)
+        now = fingerprint(data_cfg.corpus, data_cfg.text_field)
     except (OSError, ValueError, ConfigError):
         return None
-    return header if header.get("version") == CACHE_VERSION and header.get("fingerprint") == current else None
+    return header if _current(header, now) else None
 
 
 def epochs(header: dict, tokens: int) -> float:
@@ -346,14 +328,16 @@ def epochs(header: dict, tokens: int) -> float:
 
 # ---------------------------------------------------------------------- pre-tokenized corpora
 def pretokenized(corpus: str) -> str | None:
-    """"cache" (a scalax token cache), "bin" (nanoGPT-style token files) or None (a text corpus)."""
+    """"cache" (scalax token shards, here or on a bucket), "bin" (nanoGPT-style token files) or None (text)."""
+    if io.is_remote(corpus):
+        return "cache" if io.exists(io.join(corpus, "header.json")) else None
     if corpus == "stdlib" or any(c in corpus for c in "*?[") or not os.path.exists(corpus):
         return None
     if os.path.isdir(corpus):
-        has = {name: os.path.isfile(os.path.join(corpus, name)) for name in ("header.json", "train.bin", "val.bin")}
-        if has["header.json"] and has["train.bin"]:
+        if os.path.isfile(os.path.join(corpus, "header.json")):
             return "cache"
-        return "bin" if has["train.bin"] and has["val.bin"] else None
+        has = [os.path.isfile(os.path.join(corpus, f"{s}.bin")) for s in SPLITS]
+        return "bin" if all(has) else None
     return "bin" if corpus.endswith(".bin") else None
 
 
@@ -382,18 +366,20 @@ def _bin_streams(data_cfg) -> dict[str, np.ndarray]:
 def _load_pretokenized(data_cfg, kind: str, log) -> TokenSplits:
     corpus = data_cfg.corpus
     if kind == "cache":
-        with open(os.path.join(corpus, "header.json")) as f:
-            header = json.load(f)
-        own_bpe = os.path.join(corpus, "tokenizer.json")
-        tokenizer = (BpeTokenizer.load(own_bpe) if data_cfg.tokenizer == "bpe" and os.path.isfile(own_bpe)
+        header = io.read_json(io.join(corpus, "header.json"))
+        if header.get("version") != shards.VERSION or "shards" not in header:
+            raise ConfigError("data.corpus", f"{corpus} holds token shards of another format (version "
+                              f"{header.get('version')}); allowed: version {shards.VERSION}: run `scalax prepare` on "
+                              "the text corpus again")
+        own_bpe = io.join(corpus, "tokenizer.json")
+        tokenizer = (BpeTokenizer.load(own_bpe) if data_cfg.tokenizer == "bpe" and io.isfile(own_bpe)
                      else load_tokenizer(data_cfg, log))
         made_by = header.get("tokenizer", {})
         if made_by.get("hash") != tokenizer.hash:
             raise ConfigError("data.tokenizer", f"{corpus} was tokenized by {made_by.get('name')} (hash "
                               f"{made_by.get('hash', '')[:12]}), not by {tokenizer.name} (hash {tokenizer.hash[:12]});"
                               " allowed: the tokenizer that made it")
-        arrays = {s: _token_file(os.path.join(corpus, f"{s}.bin"), header["dtype"]) for s in SPLITS}
-        return TokenSplits(arrays["train"], arrays["val"], header, tokenizer)
+        return TokenSplits(*(shards.open_split(corpus, header, s) for s in SPLITS), header, tokenizer)
     if data_cfg.tokenizer == "bpe":
         raise ConfigError("data.tokenizer", f"{corpus} holds token ids: name the tokenizer that made them (byte, or "
                           "its tokenizer.json), not a BPE to train")
@@ -408,7 +394,8 @@ def _load_pretokenized(data_cfg, kind: str, log) -> TokenSplits:
     counts = {s: {"documents": 0, "tokens": len(streams[s]),
                   "bytes": val_bytes if s == "val" else len(streams[s]) * per_token} for s in SPLITS}
     max_id = max((int(streams[s].max()) for s in SPLITS if len(streams[s])), default=0)
-    header = {"version": CACHE_VERSION, "corpus": corpus, "pretokenized": "bin", "dtype": streams["train"].dtype.name,
+    header = {"version": shards.VERSION, "corpus": corpus, "pretokenized": "bin",
+              "dtype": streams["train"].dtype.name,
               "tokenizer": {"name": tokenizer.name, "hash": tokenizer.hash, "vocab_size": tokenizer.vocab_size},
               "max_token_id": max_id, "counts": counts, "train_bytes_estimated": True}
     log(f"{corpus}: {counts['train']['tokens']:,} train and {counts['val']['tokens']:,} validation tokens "
@@ -416,63 +403,65 @@ def _load_pretokenized(data_cfg, kind: str, log) -> TokenSplits:
     return TokenSplits(streams["train"], streams["val"], header, tokenizer)
 
 
-def load_splits(data_cfg, log=print) -> TokenSplits:
+def load_splits(data_cfg, log=print, workers: int | None = None) -> TokenSplits:
     """Token streams of the train and validation splits: a pre-tokenized corpus as it is, or a text corpus's
-    token cache (built when it is missing or out of date)."""
+    token shards (built when missing or out of date, by `workers` processes: default, every core here)."""
     kind = pretokenized(data_cfg.corpus)
     if kind:
         return _load_pretokenized(data_cfg, kind, log)
     tokenizer = load_tokenizer(data_cfg, log)
     directory = cache_dir_for(data_cfg)
     local = _local(directory)
-    header_path = os.path.join(local, "header.json")
     current = fingerprint(data_cfg.corpus, data_cfg.text_field)
-    header = None
-    if os.path.isfile(header_path):
-        with open(header_path) as f:
-            header = json.load(f)
-        if header.get("version") != CACHE_VERSION or header.get("fingerprint") != current:
-            log(f"token cache {directory} is out of date (the corpus changed); rebuilding it")
-            header = None
-        elif header.get("tokenizer", {}).get("hash") != tokenizer.hash:
-            log(f"token cache {directory} was made by another tokenizer "
-                f"({header.get('tokenizer', {}).get('name')}, hash {header.get('tokenizer', {}).get('hash', '')[:12]});"
-                f" rebuilding it for {tokenizer.name} (hash {tokenizer.hash[:12]})")
-            header = None
-    if header is None:
-        header = _build_cache(data_cfg, tokenizer, directory, local, current, log)
-    arrays = {s: np.memmap(os.path.join(local, f"{s}.bin"), dtype=header["dtype"], mode="r",
-                           shape=(header["counts"][s]["tokens"],)) if header["counts"][s]["tokens"] else
-              np.zeros(0, header["dtype"]) for s in SPLITS}
-    return TokenSplits(arrays["train"], arrays["val"], header, tokenizer)
+    if local != directory:  # a cache on a bucket, complete and current: read there by window (or here, if built here)
+        remote = _read_header(directory, directory, current, tokenizer, lambda m: None)
+        if remote is not None:
+            here = _read_header(local, directory, current, tokenizer, lambda m: None)
+            return TokenSplits(*(shards.open_split(local if here == remote else directory, remote, s)
+                                 for s in SPLITS), remote, tokenizer)
+    with shards.locked(local):  # another process of this machine may be building it: wait, then read its work
+        header = _read_header(local, directory, current, tokenizer, log)
+        if header is None:
+            header = _build(data_cfg, tokenizer, directory, local, current, workers, log)
+        else:  # built here before, its upload cut short
+            _publish(local, directory, [*shards.shard_files(header), "header.json"])
+    return TokenSplits(*(shards.open_split(local, header, s) for s in SPLITS), header, tokenizer)
 
 
-def _build_cache(data_cfg, tokenizer, directory: str, local: str, current_fingerprint: str, log) -> dict:
-    """Tokenize both splits into `local` (`directory`, or its mirror when that is on gs://, then uploaded)."""
-    log(f"tokenizing {data_cfg.corpus} with the {tokenizer.name} tokenizer into {directory}")
-    splits = split_documents(data_cfg.corpus, data_cfg.text_field, data_cfg.val_fraction)
-    all_docs = splits["train"] + splits["val"]
-    if not all_docs or not any(d.data for d in all_docs):
-        raise ConfigError("data.corpus", f"{data_cfg.corpus} is empty")
-    streams = {s: _encode(tokenizer, splits[s]) for s in SPLITS}
-    counts = {s: {"documents": len(splits[s]), "bytes": sum(len(d.data) for d in splits[s])} for s in SPLITS}
-    if not splits["train"] or not splits["val"]:
-        # Too few documents to split by document: the tail of the token stream becomes validation.
-        joined = np.concatenate([streams["train"], streams["val"]])  # all_docs' order: train, then val
-        cut = len(joined) - max(1, int(len(joined) * data_cfg.val_fraction))
-        streams = {"train": joined[:cut], "val": joined[cut:]}
-        total_bytes = sum(len(d.data) for d in all_docs)
-        counts = {s: {"documents": 0, "bytes": total_bytes * len(streams[s]) / len(joined)} for s in SPLITS}
-        log(f"{data_cfg.corpus} has too few documents to split by document; the last "
-            f"{len(streams['val'])} tokens are the validation split")
-    for s in SPLITS:
-        counts[s]["tokens"] = len(streams[s])
-        atomic_write_bytes(os.path.join(local, f"{s}.bin"), streams[s].tobytes())
-    max_id = max((int(streams[s].max()) for s in SPLITS if len(streams[s])), default=0)
-    header = {"version": CACHE_VERSION, "corpus": data_cfg.corpus, "text_field": data_cfg.text_field,
-              "val_fraction": data_cfg.val_fraction, "fingerprint": current_fingerprint,
-              "tokenizer": {"name": tokenizer.name, "hash": tokenizer.hash, "vocab_size": tokenizer.vocab_size},
-              "dtype": np.dtype(streams["train"].dtype).name, "max_token_id": max_id, "counts": counts}
-    atomic_write_json(os.path.join(local, "header.json"), header)  # written last: the cache is complete
-    _publish(local, directory, [f"{s}.bin" for s in SPLITS] + ["header.json"])
+def _read_header(local: str, directory: str, current: str, tokenizer, log) -> dict | None:
+    """The header in `local` (a directory, or the bucket's) when the cache is complete and current for the
+    corpus and tokenizer."""
+    path = io.join(local, "header.json")
+    if not io.exists(path):
+        return None
+    header = io.read_json(path)
+    if not _current(header, current):
+        log(f"token cache {directory} is out of date (the corpus changed, or an older scalax made it); rebuilding it")
+        return None
+    made_by = header.get("tokenizer", {})
+    if made_by.get("hash") != tokenizer.hash:
+        log(f"token cache {directory} was made by another tokenizer ({made_by.get('name')}, hash "
+            f"{made_by.get('hash', '')[:12]}); rebuilding it for {tokenizer.name} (hash {tokenizer.hash[:12]})")
+        return None
     return header
+
+
+def _build(data_cfg, tokenizer, directory: str, local: str, current_fingerprint: str, workers: int | None,
+           log) -> dict:
+    """Tokenize both splits into shards in `local` (`directory`, or its mirror when that is on gs://, then
+    uploaded, the header last)."""
+    log(f"tokenizing {data_cfg.corpus} with the {tokenizer.name} tokenizer into {directory}")
+    stale = os.path.join(local, "header.json")
+    if os.path.isfile(stale):
+        os.remove(stale)  # the old shards are no longer complete for anyone
+    meta = {"corpus": data_cfg.corpus, "text_field": data_cfg.text_field, "val_fraction": data_cfg.val_fraction,
+            "fingerprint": current_fingerprint}
+    header = shards.build(local, lambda: documents(data_cfg.corpus, data_cfg.text_field),
+                          lambda doc_id: is_validation(doc_id, data_cfg.val_fraction), tokenizer, meta,
+                          data_cfg.get("shard_tokens", shards.SHARD_TOKENS), workers or available_cores(), log)
+    _publish(local, directory, [*shards.shard_files(header), "header.json"])
+    return header
+
+
+def available_cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1

@@ -60,8 +60,7 @@ class BpeTokenizer:
 
     @classmethod
     def load(cls, path: str) -> BpeTokenizer:
-        with open(path) as f:
-            serialized = f.read()
+        serialized = io.read_text(path)
         return cls(Tokenizer.from_str(serialized), serialized)
 
     def to_str(self) -> str:

@@ -18,6 +18,7 @@ import jax
 import numpy as np
 import pytest
 
+from scalax import io
 from tests.conftest import REPO
 
 pytestmark = pytest.mark.slow
@@ -204,3 +205,42 @@ def restore(corpus, workdir, sizes):
         checkpointer.close()
     assert step == 3
     return state.params
+
+
+def test_training_from_shards_on_a_bucket_equals_training_from_local_disk(corpus, one_process, bucket, tmp_path):
+    """`scalax prepare` writes the token shards to gs:// (the emulator); `scalax train` on machines without a copy
+    reads them there by window: the same losses, bit for bit, as from the same shards on local disk, with one
+    process and with two, whose windows are disjoint halves of the one process's batches. No shard is downloaded
+    whole."""
+    steps, cache = 6, f"{bucket}/tokens"
+    _, ref_losses, ref_consumed = one_process
+
+    def run(workdir, count, devices, *extra):
+        port, home = free_port(), tmp_path / f"home-{os.path.basename(workdir)}"  # a machine of its own
+        multi = [f"--coordinator=127.0.0.1:{port}", f"--num_processes={count}"] if count > 1 else []
+        procs = [subprocess.Popen([sys.executable, *command(corpus, workdir, steps, *multi, *extra,
+                                                            *([f"--process_id={i}"] if count > 1 else []))],
+                                  cwd=REPO, env={**env(devices, f"{workdir}-{i}.json"), "SCALAX_CACHE": str(home)},
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(count)]
+        for p in procs:
+            finish(p)
+        assert not glob.glob(f"{home}/**/*.bin", recursive=True)  # read by window, never fetched whole
+        return losses(workdir), [consumed(f"{workdir}-{i}.json") for i in range(count)]
+
+    prepared = subprocess.run([sys.executable, "-m", "scalax", "prepare", "--config=configs/llama.py:size=tiny",
+                               f"--config.data.corpus={corpus[0]}", f"--config.data.cache_dir={cache}"],
+                              cwd=REPO, env={**env(1, ""), "SCALAX_CACHE": str(tmp_path / "home-prepare")},
+                              capture_output=True, text=True, timeout=TIMEOUT)
+    assert prepared.returncode == 0, prepared.stderr[-3000:]
+    [written] = io.listdir(cache)
+    assert {"header.json", "train-00000.bin", "val-00000.bin"} <= set(io.listdir(f"{cache}/{written}"))
+
+    one, [reads] = run(str(tmp_path / "gcs1"), 1, 8, f"--config.data.cache_dir={cache}")
+    assert one == {s: ref_losses[s] for s in range(1, steps + 1)}  # bit for bit
+    assert reads == ref_consumed[:steps]
+    local_two, _ = run(str(tmp_path / "local2"), 2, 4)
+    two, halves = run(str(tmp_path / "gcs2"), 2, 4, f"--config.data.cache_dir={cache}")
+    assert two == local_two
+    for a, b in zip(*halves, strict=True):
+        assert len(a) == len(b) == 8 and not set(a) & set(b)
+    assert global_batches(halves) == [sorted(rows) for rows in ref_consumed[:steps]]

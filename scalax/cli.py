@@ -400,7 +400,8 @@ def build_parser() -> argparse.ArgumentParser:
     prepare = sub.add_parser("prepare", help="tokenize the corpus (and train a BPE) ahead of training",
                              description=overrides, **kw)
     prepare.add_argument("--config", required=True, help="config file and argument, e.g. configs/llama.py:size=tiny")
-    prepare.add_argument("--workers", type=int, default=0, help="tokenizing processes (default: one per core)")
+    prepare.add_argument("--workers", type=int, default=0, help="tokenizing processes (default: one per core; "
+                         "one for the byte tokenizer, which is faster in-process)")
     prepare.set_defaults(func=cmd_prepare)
 
     sweep = sub.add_parser("sweep", help="run a sweep (resumable), then fit and plot", description=overrides + " "

@@ -405,7 +405,7 @@ def _load_pretokenized(data_cfg, kind: str, log) -> TokenSplits:
 
 def load_splits(data_cfg, log=print, workers: int | None = None) -> TokenSplits:
     """Token streams of the train and validation splits: a pre-tokenized corpus as it is, or a text corpus's
-    token shards (built when missing or out of date, by `workers` processes: default, every core here)."""
+    token shards (built when missing or out of date, by `workers` processes: default_workers)."""
     kind = pretokenized(data_cfg.corpus)
     if kind:
         return _load_pretokenized(data_cfg, kind, log)
@@ -458,10 +458,16 @@ def _build(data_cfg, tokenizer, directory: str, local: str, current_fingerprint:
             "fingerprint": current_fingerprint}
     header = shards.build(local, lambda: documents(data_cfg.corpus, data_cfg.text_field),
                           lambda doc_id: is_validation(doc_id, data_cfg.val_fraction), tokenizer, meta,
-                          data_cfg.get("shard_tokens", shards.SHARD_TOKENS), workers or available_cores(), log)
+                          data_cfg.get("shard_tokens", shards.SHARD_TOKENS), workers or default_workers(tokenizer), log)
     _publish(local, directory, [*shards.shard_files(header), "header.json"])
     return header
 
 
 def available_cores() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def default_workers(tokenizer) -> int:
+    """One per core; the byte tokenizer in this process (it encodes faster than worker processes can be handed
+    the text: 111 against 73 MB/s on 2 cores, docs/benchmarks.md)."""
+    return 1 if isinstance(tokenizer, ByteTokenizer) else available_cores()

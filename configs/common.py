@@ -33,8 +33,10 @@ def experiment(family: str, arg: str | None) -> ml_collections.ConfigDict:
         "lr": 3e-3,  # the peak learning rate
         "schedule": "cosine",  # cosine | wsd | constant (each after a linear warmup)
         "warmup_steps": 50,
+        "warmup_tokens": 0,  # > 0: the warmup in tokens instead (ceil(tokens / tokens per step) steps)
         "final_lr_fraction": 0.1,  # the schedule ends at lr * this, exactly at the run's last step
         "wsd_decay_fraction": 0.2,  # wsd: the share of steps spent cooling down at the end
+        "wsd_decay_shape": "linear",  # wsd: the cooldown, linear | cosine | 1-sqrt (Hägele et al. 2024)
         "b1": 0.9,  # AdamW's moments
         "b2": 0.95,
         "eps": 1e-8,

@@ -2,9 +2,14 @@
 
 Schedules take the update count s = 0 .. N-1 (the count before the update is applied) and end at
 lr · final_lr_fraction exactly at s = N-1, the run's last step:
-- warmup (all): lr · (s+1) / W for s < W, so the first step already learns and s = W-1 is at the peak;
+- warmup (all): lr · (s+1) / W for s < W, so the first step already learns and s = W-1 is at the peak. W is
+  `warmup_steps`, or ceil(`warmup_tokens` / tokens per step) when that is set (> 0), so that runs of other
+  lengths, or a cooldown branched from a long run, share one warmup;
 - `cosine`: from the peak at s = W-1 (s = 0 without warmup) along half a cosine to the end;
-- `wsd` (warmup-stable-decay): the peak until the last `wsd_decay_fraction` of steps, then linear to the end;
+- `wsd` (warmup-stable-decay, Hägele et al. 2024): the peak until the last `wsd_decay_fraction` of steps, then a
+  cooldown of `wsd_decay_shape` to the end, over its progress p from 0 to 1: `linear` 1 - p, `cosine`
+  (1 + cos(pi p)) / 2, `1-sqrt` 1 - sqrt(p) (Hägele et al.'s best); lr · (f + (1 - f) · shape(p)), f the final
+  fraction;
 - `constant`: the peak after warmup (final_lr_fraction does not apply).
 """
 
@@ -20,16 +25,33 @@ from scalax.errors import ConfigError
 from scalax.models.param_groups import TABLE_LEAVES
 
 SCHEDULES = ("cosine", "wsd", "constant")
+COOLDOWNS = {"linear": lambda p: 1 - p, "cosine": lambda p: 0.5 * (1 + jnp.cos(math.pi * p)),
+             "1-sqrt": lambda p: 1 - jnp.sqrt(p)}
 
 
-def validate(optim_cfg, total_steps: int) -> None:
+def warmup_steps(optim_cfg, tokens_per_step: int) -> int:
+    """W: `warmup_steps`, or `warmup_tokens` in steps of `tokens_per_step` (rounded up) when that is set."""
+    tokens = optim_cfg.get("warmup_tokens", 0)  # .get: configs written before the key existed
+    if tokens > 0 and tokens_per_step <= 0:
+        raise ValueError("a warmup in tokens needs the tokens per step")
+    return math.ceil(tokens / tokens_per_step) if tokens > 0 else optim_cfg.warmup_steps
+
+
+def validate(optim_cfg, total_steps: int, tokens_per_step: int = 0) -> None:
     if optim_cfg.schedule not in SCHEDULES:
         raise ConfigError("optim.schedule", f"unknown schedule {optim_cfg.schedule!r}; allowed: {', '.join(SCHEDULES)}")
+    if optim_cfg.get("wsd_decay_shape", "linear") not in COOLDOWNS:
+        raise ConfigError("optim.wsd_decay_shape", f"unknown cooldown {optim_cfg.wsd_decay_shape!r}; allowed: "
+                          f"{', '.join(COOLDOWNS)}")
     if not optim_cfg.lr > 0:
         raise ConfigError("optim.lr", f"must be positive, got {optim_cfg.lr}")
-    if not 0 <= optim_cfg.warmup_steps < total_steps:
-        raise ConfigError("optim.warmup_steps", f"must be in [0, {total_steps}) for a run of {total_steps} steps, "
-                          f"got {optim_cfg.warmup_steps}")
+    if optim_cfg.get("warmup_tokens", 0) < 0:
+        raise ConfigError("optim.warmup_tokens", f"must be >= 0 (0: optim.warmup_steps), got {optim_cfg.warmup_tokens}")
+    warmup = warmup_steps(optim_cfg, tokens_per_step)
+    if not 0 <= warmup < total_steps:
+        key = "optim.warmup_tokens" if optim_cfg.get("warmup_tokens", 0) > 0 else "optim.warmup_steps"
+        raise ConfigError(key, f"gives a warmup of {warmup} steps; allowed: [0, {total_steps}) for a run of "
+                          f"{total_steps} steps")
     if not 0 <= optim_cfg.final_lr_fraction <= 1:
         raise ConfigError("optim.final_lr_fraction", f"must be in [0, 1], got {optim_cfg.final_lr_fraction}")
     if not 0 < optim_cfg.wsd_decay_fraction <= 1:
@@ -39,9 +61,10 @@ def validate(optim_cfg, total_steps: int) -> None:
             raise ConfigError(f"optim.{key}", f"must be >= 0, got {optim_cfg[key]}")
 
 
-def schedule(optim_cfg, total_steps: int) -> optax.Schedule:
+def schedule(optim_cfg, total_steps: int, tokens_per_step: int = 0) -> optax.Schedule:
     """The learning rate at update count s (see the module docstring)."""
-    lr, warmup, final = optim_cfg.lr, optim_cfg.warmup_steps, optim_cfg.final_lr_fraction
+    lr, warmup, final = optim_cfg.lr, warmup_steps(optim_cfg, tokens_per_step), optim_cfg.final_lr_fraction
+    cooldown = COOLDOWNS[optim_cfg.get("wsd_decay_shape", "linear")]
     last = total_steps - 1
 
     def fn(count):
@@ -57,7 +80,7 @@ def schedule(optim_cfg, total_steps: int) -> optax.Schedule:
             decay_steps = max(1, round(optim_cfg.wsd_decay_fraction * total_steps))
             peak_at = max(last - decay_steps, warmup - 1, 0)
             progress = jnp.clip((s - peak_at) / max(last - peak_at, 1), 0.0, 1.0)
-            decayed = lr * (1 - (1 - final) * progress)
+            decayed = lr * (final + (1 - final) * cooldown(progress))
         return jnp.where(s < warmup, warm, decayed)
 
     return fn
@@ -73,10 +96,11 @@ def decay_mask(params, decay_embeddings: bool = False):
     return jax.tree_util.tree_map_with_path(decays, params)
 
 
-def optimizer(optim_cfg, total_steps: int) -> optax.GradientTransformation:
-    validate(optim_cfg, total_steps)
-    adamw = optax.adamw(schedule(optim_cfg, total_steps), b1=optim_cfg.b1, b2=optim_cfg.b2, eps=optim_cfg.eps,
-                        weight_decay=optim_cfg.weight_decay,
+def optimizer(optim_cfg, total_steps: int, tokens_per_step: int = 0) -> optax.GradientTransformation:
+    """AdamW (with clipping) on the schedule; `tokens_per_step` (batch x seq_len) for a warmup in tokens."""
+    validate(optim_cfg, total_steps, tokens_per_step)
+    adamw = optax.adamw(schedule(optim_cfg, total_steps, tokens_per_step), b1=optim_cfg.b1, b2=optim_cfg.b2,
+                        eps=optim_cfg.eps, weight_decay=optim_cfg.weight_decay,
                         mask=lambda p: decay_mask(p, optim_cfg.decay_embeddings))
     if optim_cfg.grad_clip > 0:
         return optax.chain(optax.clip_by_global_norm(optim_cfg.grad_clip), adamw)

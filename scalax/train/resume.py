@@ -22,7 +22,8 @@ from scalax.train.setup import total_steps
 
 RESUMABLE_MODEL_KEYS = ("remat",)
 DATA_ORDER_KEYS = ("batch_size", "seq_len", "seed")
-SCHEDULE_KEYS = ("lr", "schedule", "warmup_steps", "final_lr_fraction", "wsd_decay_fraction")
+SCHEDULE_KEYS = ("lr", "schedule", "warmup_steps", "warmup_tokens", "final_lr_fraction", "wsd_decay_fraction",
+                 "wsd_decay_shape")
 
 
 def _changed(saved: dict, current: dict, section: str, keys) -> list[str]:
@@ -51,7 +52,8 @@ def check_same_run(saved: dict, current: dict, workdir: str, step: int, allow_ch
     length = _changed(saved, current, "train", ("steps", "tokens")) if old_steps != new_steps else []
     other_optim = sorted(k for k in set(saved["optim"]) | set(current["optim"]) if k not in SCHEDULE_KEYS)
     changed = _changed(saved, current, "optim", other_optim)
-    old_lr, new_lr = (np.asarray(optim.schedule(ConfigDict(cfg["optim"]), n)(np.arange(step + 1)))
+    tokens_per_step = current["train"]["batch_size"] * current["train"]["seq_len"]  # the same: DATA_ORDER_KEYS
+    old_lr, new_lr = (np.asarray(optim.schedule(ConfigDict(cfg["optim"]), n, tokens_per_step)(np.arange(step + 1)))
                       for cfg, n in ((saved, old_steps), (current, new_steps)))
     if not np.allclose(old_lr[:step], new_lr[:step], rtol=1e-6, atol=0):
         changed = length + _changed(saved, current, "optim", SCHEDULE_KEYS) + changed

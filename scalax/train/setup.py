@@ -75,7 +75,9 @@ def setup_run(cfg: ConfigDict, devices=None) -> RunSetup:
     if microbatch % layout.batch_shards:
         raise ConfigError("train.microbatches", f"each microbatch of {microbatch} sequences must divide over "
                           f"mesh.data x mesh.fsdp = {layout.batch_shards}")
-    tx, schedule = optim.optimizer(cfg.optim, steps), optim.schedule(cfg.optim, steps)
+    tokens_per_step = train_cfg.batch_size * train_cfg.seq_len
+    tx = optim.optimizer(cfg.optim, steps, tokens_per_step)
+    schedule = optim.schedule(cfg.optim, steps, tokens_per_step)
     prog = program.compile_program(Decoder(model_cfg), tx, schedule, layout, train_cfg.seed, train_cfg.seq_len,
                                    train_cfg.microbatches, train_cfg.z_loss)
     return RunSetup(model_cfg, steps, layout, tx, schedule, prog)

@@ -51,6 +51,39 @@ def test_wsd_cooldown_ends_at_last_step(steps, warmup, fraction):
     np.testing.assert_allclose(np.diff(lr[steps - decay - 1 :]), -1e-3 / decay, rtol=1e-4)  # linearly
 
 
+@pytest.mark.parametrize("shape", ["linear", "cosine", "1-sqrt"])
+@pytest.mark.parametrize("steps,warmup,fraction,final", [(100, 10, 0.2, 0.0), (60, 0, 0.5, 0.1), (33, 3, 0.3, 0.05)])
+def test_wsd_cooldown_shapes_match_their_closed_forms(shape, steps, warmup, fraction, final):
+    """Hägele et al. 2024's cooldowns at every step: with p the cooldown's progress (0 at its start, 1 at the
+    last step), lr x (f + (1 - f) x shape(p)) where shape is 1 - p, (1 + cos(pi p)) / 2 or 1 - sqrt(p)."""
+    cfg = optim_config(schedule="wsd", lr=1e-3, warmup_steps=warmup, final_lr_fraction=final,
+                       wsd_decay_fraction=fraction, wsd_decay_shape=shape)
+    lr = lrs(cfg, steps)
+    start = steps - 1 - round(fraction * steps)  # the last step at the peak
+    closed = {"linear": lambda p: 1 - p, "cosine": lambda p: (1 + math.cos(math.pi * p)) / 2,
+              "1-sqrt": lambda p: 1 - math.sqrt(p)}[shape]
+    for s in range(steps):
+        if s < warmup:
+            want = 1e-3 * (s + 1) / warmup
+        elif s <= start:
+            want = 1e-3
+        else:
+            want = 1e-3 * (final + (1 - final) * closed((s - start) / (steps - 1 - start)))
+        assert lr[s] == pytest.approx(want, rel=1e-5, abs=1e-12), s
+    assert lr[-1] == pytest.approx(1e-3 * final, rel=1e-6, abs=1e-12)  # float32
+
+
+def test_warmup_in_tokens_is_shared_by_runs_of_any_length():
+    """warmup_tokens = 10 steps' tokens and a bit: 11 steps of warmup (rounded up) whatever the run's length, as
+    warmup_steps=11 gives."""
+    by_tokens = optim_config(schedule="wsd", lr=1e-3, warmup_steps=50, warmup_tokens=10 * 4096 + 1)
+    by_steps = optim_config(schedule="wsd", lr=1e-3, warmup_steps=11)
+    for steps in (40, 400):
+        got = np.asarray([float(optim.schedule(by_tokens, steps, 4096)(s)) for s in range(steps)])
+        np.testing.assert_array_equal(got, lrs(by_steps, steps))
+        np.testing.assert_allclose(got[:11], 1e-3 * np.arange(1, 12) / 11, rtol=1e-6)
+
+
 def test_constant_schedule():
     lr = lrs(optim_config(schedule="constant", lr=1e-3, warmup_steps=4), 20)
     np.testing.assert_allclose(lr, [2.5e-4, 5e-4, 7.5e-4] + [1e-3] * 17, rtol=1e-6)
@@ -62,10 +95,13 @@ def test_constant_schedule():
     (dict(lr=-1e-3), "optim.lr"),
     (dict(warmup_steps=100), "optim.warmup_steps"),
     (dict(final_lr_fraction=1.5), "optim.final_lr_fraction"),
+    (dict(schedule="wsd", wsd_decay_shape="sqrt"), "optim.wsd_decay_shape"),
+    (dict(warmup_tokens=-1), "optim.warmup_tokens"),
+    (dict(warmup_tokens=100 * 4096), "optim.warmup_tokens"),
 ])
 def test_bad_optimizer_config(changes, key):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
-        optim.optimizer(optim_config(**changes), 100)
+        optim.optimizer(optim_config(**changes), 100, 4096)
 
 
 @pytest.mark.parametrize("changes", [dict(), dict(position="t5", tie_embeddings=False, scan_layers=False)])

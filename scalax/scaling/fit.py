@@ -13,6 +13,11 @@ FLOPs convention a sweep used is recorded beside the fit (`fit.json`).
   a, b in {0, 5, ..., 25}); the best is kept. The compute-optimal frontier is closed form:
   N_opt = G (C/6)^a, D_opt = (C/6)^b / G, G = (alpha A / (beta B))^(1/(alpha+beta)), a = beta/(alpha+beta),
   b = alpha/(alpha+beta).
+- Approach 3 by VPNLS (a cross-check, `approach3.vpnls`): variable projection with non-negative least squares:
+  for fixed (alpha, beta) the law is linear in E, A, B >= 0, solved exactly by NNLS, so only a 2-D search over
+  the exponents remains (a grid over [0.05, 2], then Nelder-Mead from its best point). It minimises squared
+  relative residuals of L (those of log L to first order), not the Huber loss of log L; its Huber objective
+  is reported beside the L-BFGS one, so a lower value there means the L-BFGS search missed the optimum.
 - Kaplan: L(N) = (N_c/N)^alpha_N over the best loss of each size, L(C) = (C_c/C)^alpha_C over the envelope.
 - Bootstrap: resample runs with replacement, refit (approach 3 from the full-data optimum), percentile
   intervals and standard errors of every parameter.
@@ -214,6 +219,35 @@ def fit_approach3(runs: Runs, starts: np.ndarray | None = None) -> tuple[dict, n
     return out, best_theta
 
 
+VPNLS_GRID = np.linspace(0.05, 2.0, 40)
+
+
+def _nnls(alpha: float, beta: float, runs: Runs) -> tuple[np.ndarray, float]:
+    """(E, A, B) >= 0 minimising the relative squared residuals sum ((E + A/N^alpha + B/D^beta - L) / L)^2 at
+    fixed exponents (log L's residuals to first order); that sum."""
+    X = np.stack([np.ones(len(runs)), runs.params ** -alpha, runs.tokens ** -beta], axis=1) / runs.loss[:, None]
+    scale = X.max(axis=0)  # the columns on one scale (N^-alpha can be 1e-4)
+    coef, rnorm = optimize.nnls(X / scale, np.ones(len(runs)))
+    return coef / scale, float(rnorm) ** 2
+
+
+def fit_approach3_vpnls(runs: Runs, grid: np.ndarray = VPNLS_GRID) -> dict:
+    """L(N, D) = E + A/N^alpha + B/D^beta by least squares with the coefficients projected out (module doc)."""
+    def profile(x: np.ndarray) -> float:
+        return _nnls(x[0], x[1], runs)[1] if x.min() > 0 else np.inf
+
+    values = np.asarray([[profile(np.asarray([a, b])) for b in grid] for a in grid])
+    i, j = np.unravel_index(int(np.argmin(values)), values.shape)
+    res = optimize.minimize(profile, np.asarray([grid[i], grid[j]]), method="Nelder-Mead",
+                            options={"xatol": 1e-13, "fatol": 1e-30, "maxiter": 10_000, "maxfev": 20_000})
+    alpha, beta = (float(x) for x in res.x)
+    (E, A, B), sse = _nnls(alpha, beta, runs)
+    with np.errstate(divide="ignore"):  # a zero coefficient: its log is -inf, its term 0
+        theta = np.asarray([[np.log(A), np.log(B), np.log(E), alpha, beta]])
+    huber = float(_objective(theta, np.log(runs.params), np.log(runs.tokens), np.log(runs.loss))[0][0])
+    return {**_params_of(theta[0]), "sse": sse, "objective": huber}
+
+
 def has_frontier(p: dict) -> bool:
     """A compute-optimal frontier exists only when both terms fall with scale (alpha, beta, A, B > 0)."""
     return p["alpha"] > 0 and p["beta"] > 0 and p["A"] > 0 and p["B"] > 0
@@ -347,6 +381,7 @@ def fit(runs: Runs, approach: str = "all", bootstrap: int = 0, level: float = 0.
     theta = None
     if approach in ("3", "all"):
         result["approach3"], theta = fit_approach3(runs, starts)
+        result["approach3"]["vpnls"] = fit_approach3_vpnls(runs)
     if approach == "all":
         result["kaplan"] = fit_kaplan(runs)
     if bootstrap > 0:

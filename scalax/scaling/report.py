@@ -62,6 +62,11 @@ def summary(result: dict) -> str:
                                       for k in ("E", "A", "B", "alpha", "beta")))
         lines.append(f"  N_opt ∝ C^{_fmt(p['a'])} {_ci(p, 'a')}; D_opt ∝ C^{_fmt(p['b'])} {_ci(p, 'b')}".replace(
             "  ;", ";"))
+        if "vpnls" in p:
+            v = p["vpnls"]
+            lines.append(f"  cross-check by VPNLS (least squares, relative residuals): E {_fmt(v['E'])}, "
+                         f"alpha {_fmt(v['alpha'])}, beta {_fmt(v['beta'])}; Huber objective {v['objective']:.6g} "
+                         f"(L-BFGS: {p['objective']:.6g})")
     if "kaplan" in result:
         k = result["kaplan"]
         parts = []
@@ -119,6 +124,12 @@ def _approach_sections(result: dict) -> list[str]:
         lines += ["## Approach 3: L(N, D) = E + A/N^alpha + B/D^beta", ""]
         lines += ["| parameter | value | interval |", "|---|---|---|"]
         lines += [f"| {k} | {_fmt(p[k])} | {_ci(p, k)} |" for k in ("E", "A", "B", "alpha", "beta", "a", "b")]
+        if "vpnls" in p:
+            v = p["vpnls"]
+            lines += ["", "Cross-check by VPNLS (E, A, B by non-negative least squares at each alpha, beta; least "
+                      f"squares of relative residuals): E {_fmt(v['E'])}, A {_fmt(v['A'])}, B {_fmt(v['B'])}, "
+                      f"alpha {_fmt(v['alpha'])}, beta {_fmt(v['beta'])}; Huber objective {v['objective']:.6g} "
+                      f"against L-BFGS's {p['objective']:.6g}."]
         lines.append("")
     a2 = result.get("approach2", {})
     if a2:

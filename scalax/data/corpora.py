@@ -294,8 +294,11 @@ def load_tokenizer(data_cfg, log=print):
     return tok
 
 
-def _current(header: dict | None, fingerprint_now: str) -> bool:
-    return bool(header) and header.get("version") == shards.VERSION and header.get("fingerprint") == fingerprint_now
+def _current(header: dict | None, fingerprint_now: str | None) -> bool:
+    """A complete cache of this version, made from the corpus as it is now (None: the corpus is not here to
+    compare: any fingerprint)."""
+    return bool(header) and header.get("version") == shards.VERSION and \
+        fingerprint_now in (None, header.get("fingerprint"))
 
 
 def current_header(data_cfg) -> dict | None:
@@ -315,9 +318,14 @@ def current_header(data_cfg) -> dict | None:
         if not io.exists(path):
             return None
         header = io.read_json(path)
-        now = fingerprint(data_cfg.corpus, data_cfg.text_field)
     except (OSError, ValueError, ConfigError):
         return None
+    try:
+        now = fingerprint(data_cfg.corpus, data_cfg.text_field)
+    except (OSError, ConfigError):  # the corpus is not here: a bucket's cache, built elsewhere, serves as it is
+        if not io.is_remote(path):
+            return None
+        now = None
     return header if _current(header, now) else None
 
 
@@ -412,13 +420,25 @@ def load_splits(data_cfg, log=print, workers: int | None = None) -> TokenSplits:
     tokenizer = load_tokenizer(data_cfg, log)
     directory = cache_dir_for(data_cfg)
     local = _local(directory)
-    current = fingerprint(data_cfg.corpus, data_cfg.text_field)
+    try:
+        current = fingerprint(data_cfg.corpus, data_cfg.text_field)
+    except ConfigError:  # the corpus is not on this machine: a cache on a bucket, built elsewhere, may still serve
+        if local == directory or not io.exists(io.join(directory, "header.json")):
+            raise
+        current = None
     if local != directory:  # a cache on a bucket, complete and current: read there by window (or here, if built here)
         remote = _read_header(directory, directory, current, tokenizer, lambda m: None)
         if remote is not None:
+            if current is None:
+                log(f"{data_cfg.corpus} is not on this machine: reading the token cache {directory} as it was built "
+                    f"from it ({remote['counts']['train']['tokens']:,} train tokens)")
             here = _read_header(local, directory, current, tokenizer, lambda m: None)
             return TokenSplits(*(shards.open_split(local if here == remote else directory, remote, s)
                                  for s in SPLITS), remote, tokenizer)
+        if current is None:
+            raise ConfigError("data.corpus", f"{data_cfg.corpus} is not on this machine, and the token cache "
+                              f"{directory} was made by another tokenizer or scalax version; allowed: the corpus here, "
+                              f"or the cache as `scalax prepare` makes it for {tokenizer.name}")
     with shards.locked(local):  # another process of this machine may be building it: wait, then read its work
         header = _read_header(local, directory, current, tokenizer, log)
         if header is None:

@@ -47,3 +47,27 @@ def test_a_shard_directory_on_a_bucket_is_a_pretokenized_corpus(bucket, tmp_path
     assert remote.header == local.header and isinstance(remote.train.parts[0], shards.RemoteShard)
     for split in shards.SPLITS:
         np.testing.assert_array_equal(np.asarray(getattr(remote, split)), np.asarray(getattr(local, split)))
+
+
+def test_a_cache_on_a_bucket_serves_machines_without_the_corpus(bucket, tmp_path, monkeypatch):
+    """`scalax prepare` on the machine with the corpus; a TPU host without it reads the bucket's shards by window
+    (its mirror holds no shard), and `scalax info` finds the cache current."""
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for i in range(30):
+        (corpus / f"doc{i:02d}.txt").write_text(f"document {i}: " + "the quick brown fox. " * (i + 1))
+    cfg = ConfigDict(dict(corpus=str(corpus), text_field="text", tokenizer="byte", bpe_vocab_size=300,
+                          val_fraction=0.2, cache_dir=f"{bucket}/tokens", shard_tokens=1000))
+    monkeypatch.setenv("SCALAX_CACHE", str(tmp_path / "machine-with-corpus"))
+    built = corpora.load_splits(cfg, lambda m: None)
+    expected = {s: np.asarray(getattr(built, s)) for s in shards.SPLITS}
+    corpus.rename(tmp_path / "elsewhere")
+    monkeypatch.setenv("SCALAX_CACHE", str(tmp_path / "tpu-host"))
+    log = []
+    served = corpora.load_splits(cfg, log.append)
+    assert any("is not on this machine" in line for line in log), log
+    assert served.header == built.header and isinstance(served.train.parts[0], shards.RemoteShard)
+    for split in shards.SPLITS:
+        np.testing.assert_array_equal(np.asarray(getattr(served, split)), expected[split])
+    assert corpora.current_header(cfg) == built.header
+    assert not [f for _, _, files in os.walk(tmp_path / "tpu-host") for f in files if f.endswith(".bin")]

@@ -80,6 +80,8 @@ def check_options(o: Options, workdir: str, dry_run: bool) -> None:
     if o.retries < 0 or o.max_slices <= 0:
         raise ConfigError("--retries" if o.retries < 0 else "--max-slices", "must be a non-negative (--retries) "
                           "or positive (--max-slices) integer")
+    if not o.poll_seconds > 0:
+        raise ConfigError("--poll-seconds", f"must be a positive number of seconds, got {o.poll_seconds}")
     if not io.is_remote(workdir):
         raise ConfigError("--workdir", f"{workdir} is local; a {o.backend} launch runs on other machines, which "
                           "read and write the sweep on a bucket: allowed: gs://BUCKET/PATH")

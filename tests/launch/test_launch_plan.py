@@ -103,6 +103,9 @@ def test_user_mistakes_are_one_line_and_create_nothing(capsys, monkeypatch, tmp_
         ([*WHERE], "--backend", "https://cloud.google.com/sdk"),  # gcloud not installed
         ([*WHERE, "--backend=xpk"], "--cluster", "xpk cluster create"),
         ([*WHERE, "--backend=xpk", "--cluster=c"], "--backend", "pip install xpk"),
+        ([*WHERE, "--retries=-1"], "--retries", "non-negative"),
+        ([*WHERE, "--max-slices=0"], "--max-slices", "positive"),
+        ([*WHERE, "--poll-seconds=0"], "--poll-seconds", "positive number of seconds"),
     ]
     for flags, key, hint in cases:
         rc, _, err = run_cli(capsys, *common, *flags)

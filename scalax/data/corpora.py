@@ -13,9 +13,10 @@ becomes validation) or a directory with `train.bin` and `val.bin`, of `data.toke
 
 Token caches: both splits tokenized once, streaming and in parallel, into fixed-size shard files with an index
 (shards.py: tokenizer hash, corpus fingerprint, counts), resumable after a kill and reused while the corpus and
-tokenizer are unchanged; read back memory-mapped. A `gs://` cache_dir is read and built through a
-local mirror (io.local_mirror): the bucket's cache is downloaded when the mirror lacks it or holds another
-version, and a cache built here is uploaded, its header last (a header on the bucket means a complete cache).
+tokenizer are unchanged; read back memory-mapped. A `gs://` cache_dir is built in a local mirror
+(io.local_mirror) and uploaded, its header last (a header on the bucket means a complete cache); a complete one
+on the bucket is read there, by window (shards.RemoteShard), never downloaded whole, also by machines that lack
+the corpus.
 """
 
 from __future__ import annotations
@@ -221,9 +222,9 @@ def split_documents(corpus: str, text_field: str, val_fraction: float) -> dict[s
     return splits
 
 
-def train_documents(corpus: str, text_field: str, val_fraction: float) -> Iterator[bytes]:
-    """The train split's documents' bytes, streamed (what a BPE trains on)."""
-    return (doc.data for doc in documents(corpus, text_field) if not is_validation(doc.id, val_fraction))
+def train_documents(corpus: str, text_field: str, val_fraction: float) -> Iterator[Document]:
+    """The train split's documents, streamed (what a BPE trains on)."""
+    return (doc for doc in documents(corpus, text_field) if not is_validation(doc.id, val_fraction))
 
 
 # ---------------------------------------------------------------------- token caches
@@ -278,12 +279,12 @@ def load_tokenizer(data_cfg, log=print):
     seen = {"bytes": 0, "bad": 0, "worst": []}
 
     def texts() -> Iterator[bytes]:  # streamed into the trainer, checked for text on the way
-        for data in train_documents(data_cfg.corpus, data_cfg.text_field, data_cfg.val_fraction):
-            bad = shards.undecodable_bytes(data)
-            seen["bytes"] += len(data)
+        for doc in train_documents(data_cfg.corpus, data_cfg.text_field, data_cfg.val_fraction):
+            bad = shards.undecodable_bytes(doc.data)
+            seen["bytes"] += len(doc.data)
             seen["bad"] += bad
-            seen["worst"] = sorted(seen["worst"] + [[bad, "a train document"]], reverse=True)[:3]
-            yield data
+            seen["worst"] = sorted(seen["worst"] + [[bad, doc.id]], reverse=True)[:3]
+            yield doc.data
 
     tok = BpeTokenizer.train(texts(), data_cfg.bpe_vocab_size)
     if not seen["bytes"]:

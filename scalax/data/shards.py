@@ -65,7 +65,7 @@ def check_text(corpus: str, total: int, bad: int, worst: list) -> None:
     [count, document id] pairs of the documents with most) -- a binary file, a token file."""
     share = bad / max(total, 1)
     if share > MAX_UNDECODABLE:
-        where = ", ".join(f"{doc_id} ({n:,} bytes)" for n, doc_id in sorted(worst, reverse=True)[:3])
+        where = ", ".join(f"{doc_id} ({n:,} bytes)" for n, doc_id in sorted(worst, reverse=True)[:3] if n)
         raise ConfigError("data.corpus", f"{corpus} is not text: {share:.1%} of its bytes are invalid UTF-8 or NUL "
                           f"(most in {where}); allowed: at most {MAX_UNDECODABLE:.0%}, text files or .jsonl")
 

@@ -21,6 +21,8 @@ ROPE_SCALINGS = ("none", "llama3")
 DTYPES = ("float32", "bfloat16", "float16")
 # Each remat name maps to one jax checkpoint policy (see decoder.REMAT_POLICIES).
 REMATS = ("none", "full", "dots", "dots_no_batch")
+# How attention is computed (models/attention.py); `auto` picks per device.
+ATTENTIONS = ("auto", "einsum", "dot_product", "chunked", "splash")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -68,6 +70,8 @@ class ModelConfig:
     param_dtype: str = "float32"
     scan_layers: bool = True
     remat: str = "none"
+    attention: str = "auto"  # auto | einsum | dot_product | chunked | splash (models/attention.py)
+    attention_block: int = 512  # chunked and splash: queries and keys per block
 
     def __post_init__(self):
         if self.n_kv_heads == 0:
@@ -107,6 +111,7 @@ class ModelConfig:
             ("dtype", DTYPES),
             ("param_dtype", DTYPES),
             ("remat", REMATS),
+            ("attention", ATTENTIONS),
         ):
             value = getattr(self, name)
             if value not in allowed:
@@ -116,6 +121,11 @@ class ModelConfig:
         if self.init_std <= 0:
             raise ConfigError("model.init_std", f"must be positive, got {self.init_std}")
         self._validate_position()
+        if self.attention_block <= 0:
+            raise ConfigError("model.attention_block", f"must be a positive integer, got {self.attention_block}")
+        if self.attention == "splash" and self.position in ("alibi", "t5"):
+            raise ConfigError("model.attention", f"splash adds no attention bias, which position={self.position!r} "
+                              "needs; allowed with it: auto, einsum, dot_product, chunked")
         if self.parallel_block and self.norm_position == "post":
             raise ConfigError("model.parallel_block", "is only defined with norm_position='pre'")
 

@@ -32,18 +32,18 @@ class Block(nn.Module):
     decode: bool = False
 
     @nn.compact
-    def __call__(self, x_BxTxD, positions_T, bias_HxTxS, start):
+    def __call__(self, x_BxTxD, positions_T, bias_table, start):
         cfg = self.cfg
         attn = Attention(cfg, decode=self.decode, name="attn")
         mlp = Mlp(cfg, name="mlp")
         if cfg.parallel_block:
             h_BxTxD = Norm(cfg, name="attn_norm")(x_BxTxD)
-            x_BxTxD = x_BxTxD + attn(h_BxTxD, positions_T, bias_HxTxS, start) + mlp(h_BxTxD)
+            x_BxTxD = x_BxTxD + attn(h_BxTxD, positions_T, bias_table, start) + mlp(h_BxTxD)
         elif cfg.norm_position == "pre":
-            x_BxTxD = x_BxTxD + attn(Norm(cfg, name="attn_norm")(x_BxTxD), positions_T, bias_HxTxS, start)
+            x_BxTxD = x_BxTxD + attn(Norm(cfg, name="attn_norm")(x_BxTxD), positions_T, bias_table, start)
             x_BxTxD = x_BxTxD + mlp(Norm(cfg, name="mlp_norm")(x_BxTxD))
         else:
-            x_BxTxD = Norm(cfg, name="attn_norm")(x_BxTxD + attn(x_BxTxD, positions_T, bias_HxTxS, start))
+            x_BxTxD = Norm(cfg, name="attn_norm")(x_BxTxD + attn(x_BxTxD, positions_T, bias_table, start))
             x_BxTxD = Norm(cfg, name="mlp_norm")(x_BxTxD + mlp(x_BxTxD))
         return constrain(x_BxTxD, ("act_batch", "act_seq", "act_embed")), None
 
@@ -104,13 +104,12 @@ class Decoder(nn.Module):
         cfg = self.cfg
         T = x_BxTxD.shape[1]
         start = None
-        positions_T = k_pos_S = jnp.arange(T, dtype=jnp.int32)
+        positions_T = jnp.arange(T, dtype=jnp.int32)
         if self.decode:
             start = self.cache_index.value
             if self.cache_ready:  # otherwise this call only creates the cache, of length T
                 self.cache_index.value = start + T
                 positions_T = positions_T + start
-                k_pos_S = jnp.arange(self._cache_len(), dtype=jnp.int32)
 
         if cfg.position == "learned":
             if T > cfg.max_seq_len:
@@ -121,30 +120,19 @@ class Decoder(nn.Module):
         elif cfg.position == "sinusoidal":
             x_BxTxD = x_BxTxD + positions.sinusoidal(positions_T, cfg.d_model).astype(x_BxTxD.dtype)[None]
 
-        bias_HxTxS = None
-        if cfg.position == "alibi":
-            bias_HxTxS = positions.alibi_bias(positions_T, k_pos_S, cfg.n_heads)
-        elif cfg.position == "t5":
-            buckets_TxS = positions.t5_bucket(k_pos_S[None, :] - positions_T[:, None], cfg.t5_num_buckets,
-                                              cfg.t5_max_distance)
-            bias_HxTxS = jnp.take(self.relpos_bias.astype(jnp.float32), buckets_TxS, axis=0).transpose(2, 0, 1)
-
+        # T5's table is shared by the layers; each attention computes its bias from positions (block by block
+        # when chunked).
+        bias_table = self.relpos_bias if cfg.position == "t5" else None
         x_BxTxD = x_BxTxD.astype(dtype_of(cfg.dtype))
         if isinstance(self.layers, (list, tuple)):
             for layer in self.layers:
-                x_BxTxD, _ = layer(x_BxTxD, positions_T, bias_HxTxS, start)
+                x_BxTxD, _ = layer(x_BxTxD, positions_T, bias_table, start)
         else:
-            x_BxTxD, _ = self.layers(x_BxTxD, positions_T, bias_HxTxS, start)
+            x_BxTxD, _ = self.layers(x_BxTxD, positions_T, bias_table, start)
         if cfg.norm_position == "pre":
             x_BxTxD = self.final_norm(x_BxTxD)
         logits_BxTxV = self.embed.attend(x_BxTxD) if cfg.tie_embeddings else self.head(x_BxTxD)
         return constrain(logits_BxTxV, ("act_batch", "act_seq", "act_vocab"))
-
-    def _cache_len(self) -> int:
-        """Length S of the KV cache: fixed by the [B, S] input that created it."""
-        layer_cache = self.variables["cache"]["layers" if "layers" in self.variables["cache"] else "layer_0"]
-        k = layer_cache["attn"]["cached_k"]
-        return k.shape[-3]
 
 
 def init_cache(model: Decoder, params, batch_size: int, max_len: int):

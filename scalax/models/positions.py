@@ -92,3 +92,23 @@ def t5_bucket(relative_TxS: jnp.ndarray, num_buckets: int, max_distance: int) ->
     large = max_exact + (log_ratio * (num_buckets - max_exact)).astype(jnp.int32)
     large = jnp.minimum(large, num_buckets - 1)
     return jnp.where(n < max_exact, n, large)
+
+
+# ---------------------------------------------------------------------- the additive attention bias
+def has_bias(cfg: ModelConfig) -> bool:
+    """Whether the scheme adds a bias to the attention scores (ALiBi, T5) instead of touching q/k or x."""
+    return cfg.position in ("alibi", "t5")
+
+
+def attention_bias(cfg: ModelConfig, q_pos_T: jnp.ndarray, k_pos_S: jnp.ndarray,
+                   table_NxH: jnp.ndarray | None) -> jnp.ndarray | None:
+    """The scheme's additive bias [H, T, S] float32 between query and key positions (None: no bias).
+
+    A function of positions alone (and T5's learned [buckets, H] table), so blockwise attention can compute it
+    one block of queries and keys at a time."""
+    if cfg.position == "alibi":
+        return alibi_bias(q_pos_T, k_pos_S, cfg.n_heads)
+    if cfg.position == "t5":
+        buckets_TxS = t5_bucket(k_pos_S[None, :] - q_pos_T[:, None], cfg.t5_num_buckets, cfg.t5_max_distance)
+        return jnp.take(table_NxH.astype(jnp.float32), buckets_TxS, axis=0).transpose(2, 0, 1)
+    return None

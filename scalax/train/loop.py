@@ -28,6 +28,7 @@ from scalax import config as config_lib
 from scalax import io
 from scalax.data import corpora, pipeline
 from scalax.errors import ScalaxError
+from scalax.models import attention
 from scalax.scaling import flops
 from scalax.train import resume
 from scalax.train.checkpoint import Checkpointer
@@ -176,7 +177,8 @@ class Trainer:
             f"{self.tokens_per_step} tokens ({run.steps * self.tokens_per_step / 1e6:.1f}M tokens) on "
             f"{data.header['counts']['train']['tokens'] / 1e6:.1f}M training tokens "
             f"({corpora.epochs(data.header, run.steps * self.tokens_per_step):.2f} epochs); mesh {sizes} "
-            f"({jax.process_count()} process(es)); MFU against {self.peak / 1e12:.2f} TFLOP/s per device "
+            f"({jax.process_count()} process(es)); attention {attention.describe(run.model)}; "
+            f"MFU against {self.peak / 1e12:.2f} TFLOP/s per device "
             f"({peak_source})")
 
     def _restore(self):

@@ -20,6 +20,7 @@ import pytest
 from flax import linen as nn
 
 from scalax.models import Decoder, ModelConfig
+from scalax.train.program import init_compiler_options
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -40,7 +41,9 @@ def init_params(cfg: ModelConfig, seq_len: int = 8, seed: int = 0):
     """Initialised parameters (unboxed), with every leaf then shifted by N(0, 0.1) noise so that biases and
     norm scales are not at their trivial init and every parameter matters in comparisons."""
     tokens = jnp.zeros((1, seq_len), jnp.int32)
-    params = jax.jit(lambda key: nn.meta.unbox(Decoder(cfg).init(key, tokens)["params"]))(jax.random.key(seed))
+    init = jax.jit(lambda key: nn.meta.unbox(Decoder(cfg).init(key, tokens)["params"]),
+                   compiler_options=init_compiler_options())
+    params = init(jax.random.key(seed))
     rng = np.random.default_rng(seed)
     return jax.tree.map(lambda x: x + jnp.asarray(0.1 * rng.standard_normal(x.shape), x.dtype), params)
 

@@ -12,6 +12,10 @@ $FAKE_CLOUD/scenario.json:
   the queued resource turns PREEMPTED and `ssh` exits 255; under xpk the workload's command exits and xpk
   restarts it (--max-restarts) as JobSet would. "preempt_at_start": true preempts before the run logs anything.
 The names of the runs preempted are appended to $FAKE_CLOUD/preempted.txt.
+- "pause": the training command with this number (1: the first started, restarts counted) is stopped (SIGSTOP)
+  once its run logged a loss, as a slow machine would hold it, until a signal reaches it (or 120 s), and its run's
+  name is appended to $FAKE_CLOUD/paused.txt: a test can then interrupt a launch while a run is surely in
+  progress.
 """
 
 from __future__ import annotations
@@ -68,12 +72,9 @@ def locked_json(name: str, update=None, default=None):
         return value
 
 
-def take_preemption(run_name: str) -> bool:
-    """Whether this training command is one to preempt (the first `preempt` of them)."""
-    def count(n):
-        return (n or 0) + 1
-    n = locked_json("trainings.json", count, 0)
-    return n <= scenario().get("preempt", 0)
+def number_training() -> int:
+    """This training command's number, in order of start (1, 2, ...)."""
+    return locked_json("trainings.json", lambda n: (n or 0) + 1, 0)
 
 
 def flags(argv: list[str]) -> tuple[list[str], dict[str, str | bool]]:
@@ -99,32 +100,61 @@ def run_name_of(command: str) -> str | None:
     return None
 
 
-def run_command(command: str, cwd: str, preempt: bool, on_start=None) -> tuple[int, bool]:
-    """Run a shell command as a TPU VM would; preempt it (SIGTERM to its process group) once its run logged a
-    loss, or at once. Returns (exit status, preempted)."""
+def wait_for_loss(proc: subprocess.Popen, workdir: str) -> None:
+    """Until the run has logged a loss (its metrics.jsonl on the bucket) or its command has exited."""
+    sys.path.insert(0, os.environ["FAKE_CLOUD_REPO"])
+    from scalax import io
+
+    metrics = io.join(workdir, "metrics.jsonl")
+    while proc.poll() is None:
+        if io.exists(metrics) and '"loss"' in io.read_text(metrics, errors="replace"):
+            return
+        time.sleep(0.1)
+
+
+def signal_pending(pid: int) -> bool:
+    """Whether a signal waits for the (stopped) process: a `kill` from the launch's stop command."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            masks = [line.split()[1] for line in f if line.startswith(("SigPnd:", "ShdPnd:"))]
+    except OSError:
+        return True
+    return any(int(mask, 16) for mask in masks)
+
+
+def run_command(command: str, cwd: str, is_training: bool, on_start=None) -> tuple[int, bool]:
+    """Run a shell command as a TPU VM would; a training command may be preempted (SIGTERM to its process group)
+    once its run logged a loss, or at once, or paused (the scenario says which). Returns (exit status,
+    preempted)."""
+    number = number_training() if is_training else 0
     proc = subprocess.Popen(["bash", "-c", command], cwd=cwd, start_new_session=True)
     if on_start:
         on_start(proc.pid)
 
     def forward(signum, frame):  # the connection or the pod goes: the command gets the signal
         STOPPED.append(signum)
+        os.killpg(proc.pid, signal.SIGCONT)
         os.killpg(proc.pid, signal.SIGTERM)
     signal.signal(signal.SIGTERM, forward)
-    workdir = run_name_of(command)
-    if preempt and workdir:
-        sys.path.insert(0, os.environ["FAKE_CLOUD_REPO"])
-        from scalax import io
-
-        metrics = io.join(workdir, "metrics.jsonl")
-        while proc.poll() is None and not scenario().get("preempt_at_start"):
-            if io.exists(metrics) and '"loss"' in io.read_text(metrics, errors="replace"):
-                break
-            time.sleep(0.1)
+    workdir, plan = run_name_of(command), scenario()
+    if number and workdir and number <= plan.get("preempt", 0):
+        if not plan.get("preempt_at_start"):
+            wait_for_loss(proc, workdir)
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGTERM)
             with open(path("preempted.txt"), "a") as f:
                 f.write(workdir.rstrip("/").rsplit("/", 1)[-1] + "\n")
             return proc.wait(), True
+    if number and workdir and number == plan.get("pause"):
+        wait_for_loss(proc, workdir)
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGSTOP)
+            with open(path("paused.txt"), "a") as f:
+                f.write(workdir.rstrip("/").rsplit("/", 1)[-1] + "\n")
+            deadline = time.time() + 120
+            while not STOPPED and not signal_pending(proc.pid) and time.time() < deadline:
+                time.sleep(0.1)
+            os.killpg(proc.pid, signal.SIGCONT)
     return proc.wait(), False
 
 
@@ -193,8 +223,7 @@ def gcloud(argv: list[str]) -> None:
 
         def record_pid(pid):
             locked_json(f"resources/{node}.json", lambda v: v and {**v, "pid": pid})
-        rc, preempted = run_command(command, home, is_training and take_preemption(command),
-                                    record_pid if is_training else None)
+        rc, preempted = run_command(command, home, is_training, record_pid if is_training else None)
         if preempted:
             locked_json(f"resources/{node}.json", lambda v: v and {**v, "state": "PREEMPTED"})
             fail(f"Connection to {node} closed by remote host (preempted)", 255)
@@ -266,8 +295,8 @@ def xpk_daemon(name: str) -> None:
     value = locked_json(f"workloads/{name}.json")
     while True:
         locked_json(f"workloads/{name}.json", lambda v: v and {**v, "status": "RUNNING"})
-        preempt = "scalax train" in value["command"] and take_preemption(value["command"])
-        rc, _ = run_command(value["command"], os.environ.get("FAKE_CLOUD_REPO", "."), preempt)
+        command = value["command"]
+        rc, _ = run_command(command, os.environ.get("FAKE_CLOUD_REPO", "."), "scalax train" in command)
         restarts = locked_json(f"workloads/{name}.json")["restarts"]
         if rc == 0:
             status = "COMPLETED"

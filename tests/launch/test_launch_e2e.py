@@ -113,8 +113,11 @@ def launch_and_interrupt(env, argv, workdir, list_argv):
     """Start a launch; Ctrl-C once a run has finished and another has logged (the fake holds that one, the third
     training command, as a slow machine would: scenario "pause"); check that it exits 130 with nothing left
     listed, and that the run it stopped saved a checkpoint. Returns the finished records."""
+    # (SIGINT's default action restored in the child: a shell starts background jobs with it ignored, and
+    # Python then installs no KeyboardInterrupt handler)
     proc = subprocess.Popen([sys.executable, "-m", "scalax", "launch", *argv], cwd=REPO, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline, paused = time.time() + 400, Path(env["FAKE_CLOUD"]) / "paused.txt"
     while True:
         assert proc.poll() is None, proc.communicate()

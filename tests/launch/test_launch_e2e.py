@@ -113,11 +113,14 @@ def launch_and_interrupt(env, argv, workdir, list_argv):
     """Start a launch; Ctrl-C once a run has finished and another has logged (the fake holds that one, the third
     training command, as a slow machine would: scenario "pause"); check that it exits 130 with nothing left
     listed, and that the run it stopped saved a checkpoint. Returns the finished records."""
-    # (SIGINT's default action restored in the child: a shell starts background jobs with it ignored, and
-    # Python then installs no KeyboardInterrupt handler)
-    proc = subprocess.Popen([sys.executable, "-m", "scalax", "launch", *argv], cwd=REPO, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    # A shell starts background jobs with SIGINT ignored, the child would inherit that, and Python then installs
+    # no KeyboardInterrupt handler: with a handler here instead, the child starts with the default action.
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        proc = subprocess.Popen([sys.executable, "-m", "scalax", "launch", *argv], cwd=REPO, env=env,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    finally:
+        signal.signal(signal.SIGINT, previous)
     deadline, paused = time.time() + 400, Path(env["FAKE_CLOUD"]) / "paused.txt"
     while True:
         assert proc.poll() is None, proc.communicate()

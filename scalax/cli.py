@@ -182,7 +182,7 @@ def _sweep_of(directory: str) -> dict:
 
 def cmd_fit(args: argparse.Namespace, overrides: list[str]) -> int:
     """Fit a sweep directory or a CSV (params, tokens, loss[, flops]), as the sweep itself does."""
-    from scalax.scaling import analysis, report, runner
+    from scalax.scaling import analysis, report, results, runner
     from scalax.scaling import fit as fit_lib
 
     if bool(args.csv) == bool(args.dir):
@@ -202,9 +202,9 @@ def cmd_fit(args: argparse.Namespace, overrides: list[str]) -> int:
         runs = analysis.runs_of_ledger(list(ledger.records.values()), sweep)
     bootstrap = args.bootstrap if args.bootstrap is not None else sweep.get("bootstrap", 0)
     seed = args.seed if args.seed is not None else sweep.get("seed", 0)
-    result = runner.jsonable(analysis.analyse(runs, args.approach, bootstrap=bootstrap, level=args.level, seed=seed,
-                                              conventions_used=conventions, drop_highest=args.drop_highest))
-    print(json.dumps(result, indent=2) if args.json else report.summary(result))
+    result = analysis.analyse(runs, args.approach, bootstrap=bootstrap, level=args.level, seed=seed,
+                              conventions_used=conventions, drop_highest=args.drop_highest)
+    print(json.dumps(results.jsonable(result), indent=2) if args.json else report.summary(result))
     return 0
 
 

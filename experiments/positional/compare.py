@@ -46,7 +46,7 @@ def main() -> None:
         n_star = [f"{kept[b] / 1e3:.1f}k" if b in kept else "edge" for b in budgets]
         exponent = f"{a2['a']['exponent']:.2f}" if "a" in a2 else "(one budget)"
         pred = fit.get("prediction") or {}
-        error = f"{100 * pred['relative_error']:+.1f}%" if pred else ""
+        error = f"{100 * pred['relative_error']:+.1f}%" if "relative_error" in pred else pred.get("reason", "")
         flagged = ", ".join(name.replace("approach", "") for name in ("approach1", "approach2", "approach3", "kaplan")
                             if not fit.get(name, {}).get("ok", True)) or "none"
         rows.append(f"| {scheme} | {', '.join(f'{x:.3f}' for x in best)} | {', '.join(n_star)} | {exponent} | "

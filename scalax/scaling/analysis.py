@@ -23,6 +23,7 @@ import numpy as np
 from scalax.errors import ConfigError
 from scalax.io import atomic_write_text
 from scalax.scaling import fit as fit_lib
+from scalax.scaling.results import Approach1, Approach2, Approach3, Checked, Conventions, FitResult, Kaplan, PowerLaw
 
 APPROACH_NAMES = {"approach1": "approach 1 (envelope)", "approach2": "approach 2 (IsoFLOP parabolas)",
                   "approach3": "approach 3 (parametric law)", "kaplan": "Kaplan power laws"}
@@ -36,14 +37,15 @@ CSV_COLUMNS = ("name", "params", "tokens", "loss", "flops")
 def runs_of_ledger(records: Sequence[dict], sweep: dict) -> fit_lib.Runs:
     """The finished runs of a sweep ledger as the fit sees them: N under `sweep.params`, C the nominal budget
     for an IsoFLOP sweep and the realised FLOPs under `sweep.flops` otherwise."""
-    params_key, flops_key = conventions(sweep)["params"], conventions(sweep)["flops"]
+    params_key, flops_key = conventions(sweep).params, conventions(sweep).flops
     return fit_lib.runs_from_records(records, params_key, "budget" if sweep.get("kind") == "isoflop" else flops_key)
 
 
-def conventions(sweep: dict) -> dict:
-    return {"params": f"params_{sweep.get('params', 'non_embedding')}", "flops": f"flops_{sweep.get('flops', '6n')}",
-            "loss": "eval nats/token", "grouping": "nominal budget" if sweep.get("kind") == "isoflop" else
-            "realised FLOPs"}
+def conventions(sweep: dict) -> Conventions:
+    """The ledger keys of N and C under a sweep's conventions."""
+    return Conventions(params=f"params_{sweep.get('params', 'non_embedding')}",
+                       flops=f"flops_{sweep.get('flops', '6n')}", loss="eval nats/token",
+                       grouping="nominal budget" if sweep.get("kind") == "isoflop" else "realised FLOPs")
 
 
 def finished_names(records: Sequence[dict]) -> list[str]:
@@ -61,9 +63,9 @@ def write_csv(path: str, runs: fit_lib.Runs, names: Sequence[str]) -> None:
 
 
 def analyse(runs: fit_lib.Runs, approach: str = "all", bootstrap: int = 0, level: float = 0.8, seed: int = 0,
-            conventions_used: dict | None = None, drop_highest: int = 0) -> dict:
+            conventions_used: Conventions | None = None, drop_highest: int = 0) -> FitResult:
     """Fit every requested approach (with bootstrap intervals), predict the largest budget from the others,
-    and check each approach; the dict `fit.json` holds."""
+    and check each approach; what `fit.json` holds."""
     if bootstrap < 0:
         raise ConfigError("--bootstrap", f"must be >= 0 (0: no intervals), got {bootstrap}")
     if not 0 < level < 1:
@@ -77,33 +79,26 @@ def analyse(runs: fit_lib.Runs, approach: str = "all", bootstrap: int = 0, level
                           "needs runs of at least two sizes")
     result = fit_lib.fit(runs, approach, bootstrap=bootstrap, level=level, seed=seed)
     if approach == "all":
-        result["prediction"] = fit_lib.predict_largest_budget(runs)
-    result["conventions"] = conventions_used or {"params": "params", "flops": "flops", "loss": "loss",
-                                                 "grouping": "the flops column"}
-    result["n_runs"] = len(runs)
-    result["settings"] = {"approach": approach, "bootstrap": bootstrap, "level": level, "seed": seed,
-                          "drop_highest": drop_highest}
+        result.prediction = fit_lib.predict_largest_budget(runs)
+    result.conventions = conventions_used or Conventions()
+    result.settings.drop_highest = drop_highest
     check(result, runs)
     return result
 
 
 # ---------------------------------------------------------------------- checks
-def check(result: dict, runs: fit_lib.Runs) -> None:
-    """Put `warnings` (a list of sentences) and `ok` on every approach of `result`, and all warnings, prefixed
-    with the approach, in `result["warnings"]`."""
+def check(result: FitResult, runs: fit_lib.Runs) -> None:
+    """Set `warnings` (a list of sentences) and `ok` on every approach of `result`, and all warnings, prefixed
+    with the approach, in `result.warnings`."""
     groups = fit_lib.budgets(runs)
-    found = {"approach1": _check_approach1, "approach2": _check_approach2, "approach3": _check_approach3,
-             "kaplan": _check_kaplan}
+    checkers = {"approach1": _check_approach1, "approach2": _check_approach2, "approach3": _check_approach3,
+                "kaplan": _check_kaplan}
     everything = []
-    for name, checker in found.items():
-        if name not in result:
-            continue
-        warnings = checker(result[name], runs, groups)
-        warnings += _check_intervals(result[name], name)
-        result[name]["warnings"] = warnings
-        result[name]["ok"] = not warnings
-        everything += [f"{APPROACH_NAMES[name]}: {w}" for w in warnings]
-    result["warnings"] = everything
+    for name, approach in result.approaches().items():
+        approach.warnings = checkers[name](approach, runs, groups) + _check_intervals(approach)
+        approach.ok = not approach.warnings
+        everything += [f"{APPROACH_NAMES[name]}: {w}" for w in approach.warnings]
+    result.warnings = everything
 
 
 def _edge(runs: fit_lib.Runs, g: np.ndarray, n: float) -> str | None:
@@ -116,20 +111,20 @@ def _edge(runs: fit_lib.Runs, g: np.ndarray, n: float) -> str | None:
     return None
 
 
-def _exponent_warnings(law: dict | None, what: str, points: int) -> list[str]:
-    if not law:
+def _exponent_warnings(law: PowerLaw | None, what: str, points: int) -> list[str]:
+    if law is None:
         return []
     out = []
     lo, hi = EXPONENT_RANGE
-    if not lo < law["exponent"] < hi:
-        out.append(f"{what} ∝ C^{law['exponent']:.3f}: outside ({lo:g}, {hi:g}), where both N and D grow with "
+    if not lo < law.exponent < hi:
+        out.append(f"{what} ∝ C^{law.exponent:.3f}: outside ({lo:g}, {hi:g}), where both N and D grow with "
                    "compute")
     if points < 3:
         out.append(f"{what}'s exponent is a line through {points} points: its R² and interval say nothing")
     return out
 
 
-def _check_approach1(a1: dict, runs: fit_lib.Runs, groups: list[np.ndarray]) -> list[str]:
+def _check_approach1(a1: Approach1, runs: fit_lib.Runs, groups: list[np.ndarray]) -> list[str]:
     out = []
     for g in groups:
         best = g[np.argmin(runs.loss[g])]
@@ -137,38 +132,38 @@ def _check_approach1(a1: dict, runs: fit_lib.Runs, groups: list[np.ndarray]) -> 
         if edge and len(np.unique(runs.params[g])) > 1:
             out.append(f"the best run of C = {runs.flops[g].mean():.3g} is the {edge} size sampled there: the "
                        "optimum lies outside the grid")
-    out += _exponent_warnings(a1.get("a"), "N_opt", len(groups))
+    out += _exponent_warnings(a1.a, "N_opt", len(groups))
     return out
 
 
-def _check_approach2(a2: dict, runs: fit_lib.Runs, groups: list[np.ndarray]) -> list[str]:
-    out = [f"C = {d['flops']:.3g} dropped: {d['reason']}" for d in a2.get("dropped", [])]
-    for b in a2.get("budgets", []):
-        if b.get("points", MIN_PARABOLA_POINTS) < MIN_PARABOLA_POINTS:
-            out.append(f"C = {b['flops']:.3g}: a parabola through {b['points']} sizes fits them exactly; its R² "
+def _check_approach2(a2: Approach2, runs: fit_lib.Runs, groups: list[np.ndarray]) -> list[str]:
+    out = [f"C = {d.flops:.3g} dropped: {d.reason}" for d in a2.dropped]
+    for b in a2.budgets:
+        if b.points < MIN_PARABOLA_POINTS:
+            out.append(f"C = {b.flops:.3g}: a parabola through {b.points} sizes fits them exactly; its R² "
                        f"says nothing (at least {MIN_PARABOLA_POINTS} sizes per budget)")
-    if len(a2.get("budgets", [])) < 2:
-        out.append(f"{len(a2.get('budgets', []))} budget(s) with an interior minimum: no exponent")
-    out += _exponent_warnings(a2.get("a"), "N*", len(a2.get("budgets", [])))
+    if len(a2.budgets) < 2:
+        out.append(f"{len(a2.budgets)} budget(s) with an interior minimum: no exponent")
+    out += _exponent_warnings(a2.a, "N*", len(a2.budgets))
     return out
 
 
-def _check_approach3(p: dict, runs: fit_lib.Runs, groups: list[np.ndarray]) -> list[str]:
+def _check_approach3(p: Approach3, runs: fit_lib.Runs, groups: list[np.ndarray]) -> list[str]:
     out = []
     lo, hi = LAW_EXPONENT_RANGE
     for key in ("alpha", "beta"):
-        if not lo < p[key] < hi:
-            out.append(f"{key} = {p[key]:.4g}: outside ({lo:g}, {hi:g}); the fit ran off")
-    if p["E"] > runs.loss.min():
-        out.append(f"E = {p['E']:.4g} is above the lowest loss measured ({runs.loss.min():.4g}): an irreducible loss "
+        if not lo < getattr(p, key) < hi:
+            out.append(f"{key} = {getattr(p, key):.4g}: outside ({lo:g}, {hi:g}); the fit ran off")
+    if p.E > runs.loss.min():
+        out.append(f"E = {p.E:.4g} is above the lowest loss measured ({runs.loss.min():.4g}): an irreducible loss "
                    "cannot exceed a measured one")
-    if out or not fit_lib.has_frontier(p):
+    if out or not p.has_frontier():
         return out or ["no compute-optimal frontier (a non-positive exponent or coefficient)"]
     for g in groups:
         c = float(runs.flops[g].mean())
-        n_opt, d_opt = fit_lib.frontier(p, c)
+        n_opt, d_opt = p.frontier(c)
         edge = _edge(runs, g, float(n_opt))
-        best, frontier_loss = float(runs.loss[g].min()), float(fit_lib.law(p, n_opt, d_opt))
+        best, frontier_loss = float(runs.loss[g].min()), float(p.loss(n_opt, d_opt))
         if edge and len(np.unique(runs.params[g])) > 1:
             out.append(f"the law's optimum at C = {c:.3g} (N = {float(n_opt):.3g}) lies at or beyond the {edge} size "
                        "sampled there: extrapolated, not measured")
@@ -179,42 +174,43 @@ def _check_approach3(p: dict, runs: fit_lib.Runs, groups: list[np.ndarray]) -> l
     return out
 
 
-def _check_kaplan(k: dict, runs: fit_lib.Runs, groups: list[np.ndarray]) -> list[str]:
+def _check_kaplan(k: Kaplan, runs: fit_lib.Runs, groups: list[np.ndarray]) -> list[str]:
     out = []
-    for law, key, points, what in (("L_N", "alpha_N", len(np.unique(runs.params)), "size"),
-                                   ("L_C", "alpha_C", len(groups), "budget")):
-        if law not in k:
+    for name, law, key, points, what in (("L_N", k.L_N, "alpha_N", len(np.unique(runs.params)), "size"),
+                                         ("L_C", k.L_C, "alpha_C", len(groups), "budget")):
+        if law is None:
             continue
-        if not k[law][key] > 0:
+        if not getattr(law, key) > 0:
             why = (" (in an IsoFLOP grid a size's best loss is not its converged loss: fit L(N) to runs trained to "
-                   "convergence)" if law == "L_N" else "")
-            out.append(f"{key} = {k[law][key]:.4g}: the best loss per {what} does not fall with scale{why}")
+                   "convergence)" if name == "L_N" else "")
+            out.append(f"{key} = {getattr(law, key):.4g}: the best loss per {what} does not fall with scale{why}")
         if points < 3:
-            out.append(f"{law} is a line through {points} points: its R² says nothing")
+            out.append(f"{name} is a line through {points} points: its R² says nothing")
     return out
 
 
-def estimate(approach: dict, key: str) -> float | None:
-    """The point estimate that the interval `approach['ci'][key]` is about."""
-    value = approach.get(key)
-    if isinstance(value, dict):
-        value = value.get("exponent")
+def estimate(approach: Checked, key: str) -> float | None:
+    """The point estimate that the interval `approach.ci.get(key)` is about (a law's exponent for a, b of
+    approaches 1 and 2)."""
+    value = getattr(approach, key, None)
+    if isinstance(value, PowerLaw):
+        value = value.exponent
     return value if isinstance(value, (int, float)) else None
 
 
-def _check_intervals(approach: dict, name: str) -> list[str]:
+def _check_intervals(approach: Checked) -> list[str]:
     out = []
-    for key, ci in approach.get("ci", {}).items():
+    for key, ci in (approach.ci.of.items() if approach.ci else ()):
         value = estimate(approach, key)
-        if key == "level" or value is None or ci["low"] is None or ci["high"] is None:
+        if value is None:
             continue
         tol = 1e-9 * (1 + abs(value))
-        if ci["high"] - ci["low"] <= tol:  # a zero-width interval (noise-free data): nothing to compare
+        if ci.high - ci.low <= tol:  # a zero-width interval (noise-free data): nothing to compare
             continue
-        if value < ci["low"] - tol or value > ci["high"] + tol:
-            out.append(f"{key} = {value:.4g} lies outside its own {ci.get('n', '')}-resample interval "
-                       f"[{ci['low']:.4g}, {ci['high']:.4g}]: the estimate is not stable")
-        elif value <= ci["low"] + tol or value >= ci["high"] - tol:
-            out.append(f"{key} = {value:.4g} lies at the edge of its own interval [{ci['low']:.4g}, "
-                       f"{ci['high']:.4g}]: the resamples fall on one side of it; the estimate is not stable")
+        if value < ci.low - tol or value > ci.high + tol:
+            out.append(f"{key} = {value:.4g} lies outside its own {ci.n}-resample interval "
+                       f"[{ci.low:.4g}, {ci.high:.4g}]: the estimate is not stable")
+        elif value <= ci.low + tol or value >= ci.high - tol:
+            out.append(f"{key} = {value:.4g} lies at the edge of its own interval [{ci.low:.4g}, "
+                       f"{ci.high:.4g}]: the resamples fall on one side of it; the estimate is not stable")
     return out

@@ -36,6 +36,26 @@ from scipy import optimize
 
 from scalax import io
 from scalax.errors import ConfigError
+from scalax.scaling.results import (
+    Approach1,
+    Approach2,
+    Approach3,
+    ComputeLaw,
+    DroppedBudget,
+    Envelope,
+    FitResult,
+    Interval,
+    Intervals,
+    Kaplan,
+    Law,
+    NoPrediction,
+    Parabola,
+    PowerLaw,
+    Prediction,
+    Settings,
+    SizeLaw,
+    VPNLSLaw,
+)
 
 HUBER_DELTA = 1e-3
 GRID = {
@@ -195,18 +215,17 @@ def grid_starts() -> np.ndarray:
         GRID["alpha"], GRID["beta"], GRID["e"], GRID["a"], GRID["b"])])
 
 
-def _params_of(theta: np.ndarray) -> dict:
-    """(a, b, e, alpha, beta) -> E, A, B, ... (inf where a bootstrap resample ran off to a huge log-coefficient)."""
+def law_of(theta: np.ndarray) -> Law:
+    """(a, b, e, alpha, beta) -> the law (inf where a bootstrap resample ran off to a huge log-coefficient)."""
     a, b, e, alpha, beta = (float(x) for x in theta)
     with np.errstate(over="ignore"):
         E, A, B = (float(np.exp(x)) for x in (e, a, b))
-    return {"E": E, "A": A, "B": B, "alpha": alpha, "beta": beta, "a": beta / (alpha + beta),
-            "b": alpha / (alpha + beta)}
+    return Law(E=E, A=A, B=B, alpha=alpha, beta=beta)
 
 
-def fit_approach3(runs: Runs, starts: np.ndarray | None = None) -> tuple[dict, np.ndarray]:
+def fit_approach3(runs: Runs, starts: np.ndarray | None = None) -> tuple[Approach3, np.ndarray]:
     """L-BFGS from every start (all at once, vectorised), the best polished by scipy's L-BFGS-B to full
-    precision; returns (parameters, theta = (a, b, e, alpha, beta))."""
+    precision; returns (the law, theta = (a, b, e, alpha, beta))."""
     data = (np.log(runs.params), np.log(runs.tokens), np.log(runs.loss))
     starts = grid_starts() if starts is None else np.atleast_2d(starts)
     if len(starts) > 1:
@@ -214,9 +233,7 @@ def fit_approach3(runs: Runs, starts: np.ndarray | None = None) -> tuple[dict, n
         values = np.where(np.all(np.isfinite(thetas), axis=1), values, np.inf)
         starts = thetas[int(np.argmin(values))]
     best_theta, best_f = _lbfgs(np.ravel(starts), data)
-    out = _params_of(best_theta)
-    out["objective"] = best_f
-    return out, best_theta
+    return Approach3(**dataclasses.asdict(law_of(best_theta)), objective=best_f), best_theta
 
 
 VPNLS_GRID = np.linspace(0.05, 2.0, 40)
@@ -231,7 +248,7 @@ def _nnls(alpha: float, beta: float, runs: Runs) -> tuple[np.ndarray, float]:
     return coef / scale, float(rnorm) ** 2
 
 
-def fit_approach3_vpnls(runs: Runs, grid: np.ndarray = VPNLS_GRID) -> dict:
+def fit_approach3_vpnls(runs: Runs, grid: np.ndarray = VPNLS_GRID) -> VPNLSLaw:
     """L(N, D) = E + A/N^alpha + B/D^beta by least squares with the coefficients projected out (module doc)."""
     def profile(x: np.ndarray) -> float:
         return _nnls(x[0], x[1], runs)[1] if x.min() > 0 else np.inf
@@ -245,38 +262,18 @@ def fit_approach3_vpnls(runs: Runs, grid: np.ndarray = VPNLS_GRID) -> dict:
     with np.errstate(divide="ignore"):  # a zero coefficient: its log is -inf, its term 0
         theta = np.asarray([[np.log(A), np.log(B), np.log(E), alpha, beta]])
     huber = float(_objective(theta, np.log(runs.params), np.log(runs.tokens), np.log(runs.loss))[0][0])
-    return {**_params_of(theta[0]), "sse": sse, "objective": huber}
-
-
-def has_frontier(p: dict) -> bool:
-    """A compute-optimal frontier exists only when both terms fall with scale (alpha, beta, A, B > 0)."""
-    return p["alpha"] > 0 and p["beta"] > 0 and p["A"] > 0 and p["B"] > 0
-
-
-def frontier(p: dict, flops) -> tuple[np.ndarray, np.ndarray]:
-    """Closed-form compute-optimal N_opt(C), D_opt(C) under C = 6 N D (NaN when no frontier exists)."""
-    if not has_frontier(p):
-        nan = np.full(np.shape(flops), np.nan)
-        return nan, nan
-    alpha, beta = p["alpha"], p["beta"]
-    g = (alpha * p["A"] / (beta * p["B"])) ** (1 / (alpha + beta))
-    c6 = np.asarray(flops, np.float64) / 6
-    return g * c6 ** (beta / (alpha + beta)), c6 ** (alpha / (alpha + beta)) / g
-
-
-def law(p: dict, params, tokens) -> np.ndarray:
-    return p["E"] + p["A"] / np.asarray(params, np.float64) ** p["alpha"] + p["B"] / np.asarray(tokens) ** p["beta"]
+    return VPNLSLaw(**dataclasses.asdict(law_of(theta[0])), sse=sse, objective=huber)
 
 
 # ---------------------------------------------------------------------- approaches 1 and 2, Kaplan
-def _power_law(x, y) -> dict:
+def _power_law(x, y) -> PowerLaw:
     """y = k x^slope by least squares in log-log, with R²."""
     lx, ly = np.log(x), np.log(y)
     slope, intercept = np.polyfit(lx, ly, 1)
     resid = ly - (slope * lx + intercept)
     ss_tot = float(((ly - ly.mean()) ** 2).sum())
-    return {"exponent": float(slope), "coefficient": float(math.exp(intercept)),
-            "r2": 1 - float((resid**2).sum()) / ss_tot if ss_tot > 0 else float("nan")}
+    return PowerLaw(exponent=float(slope), coefficient=float(math.exp(intercept)),
+                    r2=1 - float((resid**2).sum()) / ss_tot if ss_tot > 0 else float("nan"))
 
 
 def budgets(runs: Runs, rtol: float = 1e-3) -> list[np.ndarray]:
@@ -291,25 +288,26 @@ def budgets(runs: Runs, rtol: float = 1e-3) -> list[np.ndarray]:
     return [np.asarray(g) for g in groups]
 
 
-def fit_approach1(runs: Runs) -> dict:
+def fit_approach1(runs: Runs) -> Approach1:
     """Envelope: the lowest loss per compute budget."""
     groups = budgets(runs)
     best = np.asarray([g[np.argmin(runs.loss[g])] for g in groups])
     if len(best) < 2:
         raise ConfigError("runs", "approach 1 needs at least two compute budgets")
     env = runs.take(best)
-    return {"a": _power_law(env.flops, env.params), "b": _power_law(env.flops, env.tokens),
-            "envelope": {"flops": env.flops.tolist(), "params": env.params.tolist(), "tokens": env.tokens.tolist(),
-                         "loss": env.loss.tolist()}}
+    return Approach1(a=_power_law(env.flops, env.params), b=_power_law(env.flops, env.tokens),
+                     envelope=Envelope(env.flops.tolist(), env.params.tolist(), env.tokens.tolist(),
+                                       env.loss.tolist()))
 
 
-def fit_approach2(runs: Runs) -> dict:
+def fit_approach2(runs: Runs) -> Approach2:
     """A parabola per budget; vertices at the edge (or of downward parabolas) are reported and dropped."""
-    kept, dropped = [], []
+    kept: list[Parabola] = []
+    dropped: list[DroppedBudget] = []
     for g in budgets(runs):
         c = float(runs.flops[g].mean())
         if len(np.unique(runs.params[g])) < 3:
-            dropped.append({"flops": c, "reason": f"{len(np.unique(runs.params[g]))} sizes; a parabola needs 3"})
+            dropped.append(DroppedBudget(c, f"{len(np.unique(runs.params[g]))} sizes; a parabola needs 3"))
             continue
         x, y = np.log(runs.params[g]), runs.loss[g]
         x0 = float(x.mean())  # centred for a well-conditioned fit; coefficients reported in log N itself
@@ -318,123 +316,131 @@ def fit_approach2(runs: Runs) -> dict:
         resid = y - np.polyval([k2, k1, k0], x)
         r2 = 1 - float((resid**2).sum()) / float(((y - y.mean()) ** 2).sum() or np.nan)
         if k2 <= 0:
-            dropped.append({"flops": c, "reason": "the parabola opens downwards", "r2": r2})
+            dropped.append(DroppedBudget(c, "the parabola opens downwards", r2=r2))
             continue
         x_star = -k1 / (2 * k2)
         if not x.min() < x_star < x.max():
-            dropped.append({"flops": c, "reason": "the minimum sits at the edge of the sampled sizes",
-                            "n_star": math.exp(x_star), "r2": r2})
+            dropped.append(DroppedBudget(c, "the minimum sits at the edge of the sampled sizes", r2=r2,
+                                         n_star=math.exp(x_star)))
             continue
         n_star = math.exp(x_star)
-        kept.append({"flops": c, "n_star": n_star, "d_star": c / (6 * n_star), "points": len(np.unique(x)),
-                     "loss_star": float(np.polyval([k2, k1, k0], x_star)), "r2": r2,
-                     "coefficients": [float(k2), float(k1), float(k0)]})
-    out: dict = {"budgets": kept, "dropped": dropped}
+        kept.append(Parabola(flops=c, n_star=n_star, d_star=c / (6 * n_star), points=len(np.unique(x)),
+                             loss_star=float(np.polyval([k2, k1, k0], x_star)), r2=r2,
+                             coefficients=[float(k2), float(k1), float(k0)]))
+    out = Approach2(budgets=kept, dropped=dropped)
     if len(kept) >= 2:
-        c = np.asarray([k["flops"] for k in kept])
-        out["a"] = _power_law(c, np.asarray([k["n_star"] for k in kept]))
-        out["b"] = _power_law(c, np.asarray([k["d_star"] for k in kept]))
+        c = np.asarray([k.flops for k in kept])
+        out.a = _power_law(c, np.asarray([k.n_star for k in kept]))
+        out.b = _power_law(c, np.asarray([k.d_star for k in kept]))
     return out
 
 
-def fit_kaplan(runs: Runs) -> dict:
+def fit_kaplan(runs: Runs) -> Kaplan:
     """L(N) = (N_c/N)^alpha_N over each size's best loss; L(C) = (C_c/C)^alpha_C over the envelope."""
+    def scale(law: PowerLaw) -> float:  # y = k x^s = (x_c / x)^-s: x_c = k^(1/-s)
+        return law.coefficient ** (1 / -law.exponent) if law.exponent else float("nan")
+
     sizes = np.unique(runs.params)
     best_per_size = np.asarray([runs.loss[runs.params == n].min() for n in sizes])
-    out = {}
+    out = Kaplan()
     if len(sizes) >= 2:
         ln = _power_law(sizes, best_per_size)
-        out["L_N"] = {"alpha_N": -ln["exponent"], "N_c": ln["coefficient"] ** (1 / -ln["exponent"])
-                      if ln["exponent"] else float("nan"), "r2": ln["r2"]}
-    env = fit_approach1(runs)["envelope"] if len(budgets(runs)) >= 2 else None
-    if env is not None:
-        lc = _power_law(np.asarray(env["flops"]), np.asarray(env["loss"]))
-        out["L_C"] = {"alpha_C": -lc["exponent"], "C_c": lc["coefficient"] ** (1 / -lc["exponent"])
-                      if lc["exponent"] else float("nan"), "r2": lc["r2"]}
+        out.L_N = SizeLaw(alpha_N=-ln.exponent, N_c=scale(ln), r2=ln.r2)
+    if len(budgets(runs)) >= 2:
+        env = fit_approach1(runs).envelope
+        lc = _power_law(np.asarray(env.flops), np.asarray(env.loss))
+        out.L_C = ComputeLaw(alpha_C=-lc.exponent, C_c=scale(lc), r2=lc.r2)
     return out
 
 
 # ---------------------------------------------------------------------- bootstrap and the whole fit
-def _flat(result: dict) -> dict[str, float]:
-    """The scalar parameters a bootstrap reports on."""
+def _flat(result: FitResult) -> dict[str, float]:
+    """The scalar parameters a bootstrap reports on, as "approach.parameter"."""
     out = {}
-    for name, approach in result.items():
-        if name == "approach3":
-            out.update({f"approach3.{k}": approach[k] for k in ("E", "A", "B", "alpha", "beta", "a", "b")})
-        elif name in ("approach1", "approach2") and "a" in approach:
-            out[f"{name}.a"], out[f"{name}.b"] = approach["a"]["exponent"], approach["b"]["exponent"]
+    if result.approach3 is not None:
+        out.update({f"approach3.{k}": getattr(result.approach3, k) for k in ("E", "A", "B", "alpha", "beta", "a", "b")})
+    for name, approach in (("approach1", result.approach1), ("approach2", result.approach2)):
+        if approach is not None and approach.a is not None:
+            out[f"{name}.a"], out[f"{name}.b"] = approach.a.exponent, approach.b.exponent
     return out
 
 
 def fit(runs: Runs, approach: str = "all", bootstrap: int = 0, level: float = 0.8, seed: int = 0,
-        starts: np.ndarray | None = None) -> dict:
+        starts: np.ndarray | None = None) -> FitResult:
     """All requested approaches, each with its parameters; `ci` from `bootstrap` resamples over runs."""
     if approach not in APPROACHES:
         raise ConfigError("--approach", f"unknown approach {approach!r}; allowed: {', '.join(APPROACHES)}")
     if len(runs) < 5:
         raise ConfigError("runs", f"{len(runs)} runs are too few to fit; at least 5 are needed")
-    result: dict = {}
+    result = FitResult(n_runs=len(runs), settings=Settings(approach, bootstrap, level, seed))
     if approach in ("1", "all"):
-        result["approach1"] = fit_approach1(runs)
+        result.approach1 = fit_approach1(runs)
     if approach in ("2", "all"):
-        result["approach2"] = fit_approach2(runs)
+        result.approach2 = fit_approach2(runs)
     theta = None
     if approach in ("3", "all"):
-        result["approach3"], theta = fit_approach3(runs, starts)
-        result["approach3"]["vpnls"] = fit_approach3_vpnls(runs)
+        result.approach3, theta = fit_approach3(runs, starts)
+        result.approach3.vpnls = fit_approach3_vpnls(runs)
     if approach == "all":
-        result["kaplan"] = fit_kaplan(runs)
+        result.kaplan = fit_kaplan(runs)
     if bootstrap > 0:
-        rng = np.random.default_rng(seed)
-        samples: dict[str, list[float]] = {k: [] for k in _flat(result)}
-        for _ in range(bootstrap):
-            idx = rng.integers(0, len(runs), len(runs))
-            sample = runs.take(idx)
-            res: dict = {}
-            try:
-                if "approach1" in result:
-                    res["approach1"] = fit_approach1(sample)
-                if "approach2" in result:
-                    res["approach2"] = fit_approach2(sample)
-            except (ConfigError, np.linalg.LinAlgError, ValueError):
-                pass
-            if theta is not None:
-                res["approach3"], _ = fit_approach3(sample, theta)
-            for k, v in _flat(res).items():
-                # Only what the full fit reports (a resample may find exponents the full data does not), and
-                # not a resample whose fit ran off to infinity: it says nothing about the spread.
-                if k in samples and math.isfinite(v):
-                    samples[k].append(v)
-        lo, hi = (1 - level) / 2, (1 + level) / 2
-        for name, approach_result in result.items():  # (spreads of huge resampled coefficients may overflow)
-            prefix = f"{name}."
-            with np.errstate(over="ignore"):
-                ci = {k[len(prefix):]: {"low": float(np.quantile(v, lo)), "high": float(np.quantile(v, hi)),
-                                        "se": float(np.std(v, ddof=1)), "n": len(v)}
-                      for k, v in samples.items() if k.startswith(prefix) and len(v) > 1}
-            if ci:
-                approach_result["ci"] = {"level": level, **ci}
+        _bootstrap(result, runs, theta, bootstrap, level, seed)
     return result
 
 
-def predict_largest_budget(runs: Runs, starts: np.ndarray | None = None) -> dict | None:
-    """Fit approach 3 on all budgets but the largest; predict the best loss there and compare."""
+def _bootstrap(result: FitResult, runs: Runs, theta: np.ndarray | None, resamples: int, level: float,
+               seed: int) -> None:
+    """Percentile intervals at `level` on every approach of `result`, from refits on resampled runs."""
+    rng = np.random.default_rng(seed)
+    samples: dict[str, list[float]] = {k: [] for k in _flat(result)}
+    for _ in range(resamples):
+        idx = rng.integers(0, len(runs), len(runs))
+        sample = runs.take(idx)
+        res = FitResult(n_runs=len(sample), settings=result.settings)
+        try:
+            if result.approach1 is not None:
+                res.approach1 = fit_approach1(sample)
+            if result.approach2 is not None:
+                res.approach2 = fit_approach2(sample)
+        except (ConfigError, np.linalg.LinAlgError, ValueError):
+            pass
+        if theta is not None:
+            res.approach3, _ = fit_approach3(sample, theta)
+        for k, v in _flat(res).items():
+            # Only what the full fit reports (a resample may find exponents the full data does not), and
+            # not a resample whose fit ran off to infinity: it says nothing about the spread.
+            if k in samples and math.isfinite(v):
+                samples[k].append(v)
+    lo, hi = (1 - level) / 2, (1 + level) / 2
+    for name, approach_result in result.approaches().items():  # (spreads of huge resampled coefficients may overflow)
+        prefix = f"{name}."
+        with np.errstate(over="ignore"):
+            ci = {k[len(prefix):]: Interval(low=float(np.quantile(v, lo)), high=float(np.quantile(v, hi)),
+                                            se=float(np.std(v, ddof=1)), n=len(v))
+                  for k, v in samples.items() if k.startswith(prefix) and len(v) > 1}
+        if ci:
+            approach_result.ci = Intervals(level, ci)
+
+
+def predict_largest_budget(runs: Runs, starts: np.ndarray | None = None) -> Prediction | NoPrediction | None:
+    """Fit approach 3 on all budgets but the largest; predict the best loss there and compare (None: fewer
+    than three budgets)."""
     groups = budgets(runs)
     if len(groups) < 3:
         return None
     train = runs.take(np.concatenate(groups[:-1]))
     held = runs.take(groups[-1])
     p, _ = fit_approach3(train, starts)
-    if not has_frontier(p):
-        return {"error": "the law fitted on the smaller budgets has no compute-optimal frontier "
-                f"(alpha {p['alpha']:.3g}, beta {p['beta']:.3g})", "fitted_on_budgets": len(groups) - 1}
+    if not p.has_frontier():
+        return NoPrediction(reason="the law fitted on the smaller budgets has no compute-optimal frontier "
+                            f"(alpha {p.alpha:.3g}, beta {p.beta:.3g})", fitted_on_budgets=len(groups) - 1)
     c = float(held.flops.mean())
-    n_opt, d_opt = frontier(p, c)
-    predicted = float(law(p, n_opt, d_opt))
+    n_opt, d_opt = p.frontier(c)
+    predicted = float(p.loss(n_opt, d_opt))
     observed = float(held.loss.min())
-    return {"flops": c, "predicted_best_loss": predicted, "observed_best_loss": observed,
-            "error": predicted - observed, "relative_error": (predicted - observed) / observed,
-            "n_opt": float(n_opt), "fitted_on_budgets": len(groups) - 1}
+    return Prediction(flops=c, predicted_best_loss=predicted, observed_best_loss=observed,
+                      error=predicted - observed, relative_error=(predicted - observed) / observed,
+                      n_opt=float(n_opt), fitted_on_budgets=len(groups) - 1)
 
 
 def runs_from_records(records: Sequence[dict], params_key: str, flops_key: str) -> Runs:

@@ -6,6 +6,7 @@ import math
 import os
 
 from scalax.scaling.analysis import APPROACH_NAMES, MIN_PARABOLA_POINTS
+from scalax.scaling.results import Approach1, Approach2, Checked, FitResult, NoPrediction, PowerLaw
 
 
 def _fmt(x) -> str:
@@ -14,94 +15,88 @@ def _fmt(x) -> str:
     return f"{x:.4g}"
 
 
-def _ci(approach: dict, key: str) -> str:
-    ci = approach.get("ci", {}).get(key)
-    return f"[{_fmt(ci['low'])}, {_fmt(ci['high'])}]" if ci else ""
+def _ci(approach: Checked, key: str) -> str:
+    ci = approach.interval(key)
+    return f"[{_fmt(ci.low)}, {_fmt(ci.high)}]" if ci else ""
 
 
-def _r2(law: dict) -> str:
-    return f"R² {law['r2']:.4f}" if law.get("r2") is not None and math.isfinite(law["r2"]) else "R² n/a"
+def _r2(law) -> str:
+    return f"R² {law.r2:.4f}" if law.r2 is not None and math.isfinite(law.r2) else "R² n/a"
 
 
-def _exponents(approach: dict, n_label: str, d_label: str) -> str:
+def _exponents(approach: Approach1 | Approach2, n_label: str, d_label: str) -> str:
     parts = []
     for key, label in (("a", n_label), ("b", d_label)):
-        law = approach[key]
-        parts.append(f"{label} ∝ C^{law['exponent']:.4f} {_ci(approach, key)} ({_r2(law)})".replace("  ", " "))
+        law: PowerLaw = getattr(approach, key)
+        parts.append(f"{label} ∝ C^{law.exponent:.4f} {_ci(approach, key)} ({_r2(law)})".replace("  ", " "))
     return "; ".join(parts)
 
 
-def intervals_line(result: dict) -> str:
-    s = result.get("settings", {})
-    if not s.get("bootstrap"):
+def intervals_line(result: FitResult) -> str:
+    s = result.settings
+    if not s.bootstrap:
         return "no intervals (bootstrap 0)"
-    return f"intervals: {s['level']:.0%} percentile bootstrap over runs, {s['bootstrap']} resamples, seed {s['seed']}"
+    return f"intervals: {s.level:.0%} percentile bootstrap over runs, {s.bootstrap} resamples, seed {s.seed}"
 
 
-def summary(result: dict) -> str:
+def summary(result: FitResult) -> str:
     """Every approach with its intervals, the held-out prediction and the warnings: what `scalax fit` and
     `scalax sweep` print."""
-    conv = result["conventions"]
-    lines = [f"{result['n_runs']} runs; N = {conv['params']}, C = {conv['flops']} (grouped by "
-             f"{conv.get('grouping', 'C')}); {intervals_line(result)}"]
-    flag = {name: "" if result[name].get("ok", True) else "  [flagged: see the warnings]"
-            for name in APPROACH_NAMES if name in result}
-    if "approach1" in result:
-        a1 = result["approach1"]
+    conv = result.conventions
+    lines = [f"{result.n_runs} runs; N = {conv.params}, C = {conv.flops} (grouped by {conv.grouping}); "
+             f"{intervals_line(result)}"]
+    flag = {name: "" if a.ok else "  [flagged: see the warnings]" for name, a in result.approaches().items()}
+    if a1 := result.approach1:
         lines.append(f"{APPROACH_NAMES['approach1']}: {_exponents(a1, 'N_opt', 'D_opt')}{flag['approach1']}")
-    if "approach2" in result:
-        a2 = result["approach2"]
-        used = f"{len(a2['budgets'])} of {len(a2['budgets']) + len(a2['dropped'])} budgets"
-        body = _exponents(a2, "N*", "D*") if "a" in a2 else "no exponent"
+    if a2 := result.approach2:
+        used = f"{len(a2.budgets)} of {len(a2.budgets) + len(a2.dropped)} budgets"
+        body = _exponents(a2, "N*", "D*") if a2.a is not None else "no exponent"
         lines.append(f"{APPROACH_NAMES['approach2']}, {used}: {body}{flag['approach2']}")
-    if "approach3" in result:
-        p = result["approach3"]
-        lines.append(f"{APPROACH_NAMES['approach3']}: L(N, D) = {_fmt(p['E'])} + {_fmt(p['A'])}/N^{_fmt(p['alpha'])} "
-                     f"+ {_fmt(p['B'])}/D^{_fmt(p['beta'])}{flag['approach3']}")
-        lines.append("  " + "; ".join(f"{k} {_fmt(p[k])} {_ci(p, k)}".rstrip()
+    if p := result.approach3:
+        lines.append(f"{APPROACH_NAMES['approach3']}: L(N, D) = {_fmt(p.E)} + {_fmt(p.A)}/N^{_fmt(p.alpha)} "
+                     f"+ {_fmt(p.B)}/D^{_fmt(p.beta)}{flag['approach3']}")
+        lines.append("  " + "; ".join(f"{k} {_fmt(getattr(p, k))} {_ci(p, k)}".rstrip()
                                       for k in ("E", "A", "B", "alpha", "beta")))
-        lines.append(f"  N_opt ∝ C^{_fmt(p['a'])} {_ci(p, 'a')}; D_opt ∝ C^{_fmt(p['b'])} {_ci(p, 'b')}".replace(
+        lines.append(f"  N_opt ∝ C^{_fmt(p.a)} {_ci(p, 'a')}; D_opt ∝ C^{_fmt(p.b)} {_ci(p, 'b')}".replace(
             "  ;", ";"))
-        if "vpnls" in p:
-            v = p["vpnls"]
-            lines.append(f"  cross-check by VPNLS (least squares, relative residuals): E {_fmt(v['E'])}, "
-                         f"alpha {_fmt(v['alpha'])}, beta {_fmt(v['beta'])}; Huber objective {v['objective']:.6g} "
-                         f"(L-BFGS: {p['objective']:.6g})")
-    if "kaplan" in result:
-        k = result["kaplan"]
+        if v := p.vpnls:
+            lines.append(f"  cross-check by VPNLS (least squares, relative residuals): E {_fmt(v.E)}, "
+                         f"alpha {_fmt(v.alpha)}, beta {_fmt(v.beta)}; Huber objective {v.objective:.6g} "
+                         f"(L-BFGS: {p.objective:.6g})")
+    if k := result.kaplan:
         parts = []
-        if "L_N" in k:
-            parts.append(f"L(N) = (N_c/N)^alpha_N: alpha_N {_fmt(k['L_N']['alpha_N'])}, N_c {_fmt(k['L_N']['N_c'])} "
-                         f"({_r2(k['L_N'])})")
-        if "L_C" in k:
-            parts.append(f"L(C) = (C_c/C)^alpha_C: alpha_C {_fmt(k['L_C']['alpha_C'])}, C_c {_fmt(k['L_C']['C_c'])} "
-                         f"({_r2(k['L_C'])})")
+        if k.L_N:
+            parts.append(f"L(N) = (N_c/N)^alpha_N: alpha_N {_fmt(k.L_N.alpha_N)}, N_c {_fmt(k.L_N.N_c)} "
+                         f"({_r2(k.L_N)})")
+        if k.L_C:
+            parts.append(f"L(C) = (C_c/C)^alpha_C: alpha_C {_fmt(k.L_C.alpha_C)}, C_c {_fmt(k.L_C.C_c)} "
+                         f"({_r2(k.L_C)})")
         lines.append(f"{APPROACH_NAMES['kaplan']}: {'; '.join(parts) or 'too few sizes and budgets'}{flag['kaplan']}")
-    pred = result.get("prediction")
-    if pred and isinstance(pred.get("error"), str):
-        lines.append(f"prediction at the largest budget: not made: {pred['error']}")
+    pred = result.prediction
+    if isinstance(pred, NoPrediction):
+        lines.append(f"prediction at the largest budget: not made: {pred.reason}")
     elif pred:
-        lines.append(f"prediction at the largest budget: approach 3 fitted on the {pred['fitted_on_budgets']} smaller "
-                     f"budgets predicts {pred['predicted_best_loss']:.4f} at C = {_fmt(pred['flops'])}; the best run "
-                     f"there reached {pred['observed_best_loss']:.4f} ({pred['relative_error']:+.2%})")
-    lines += [f"warning: {w}" for w in result.get("warnings", [])]
+        lines.append(f"prediction at the largest budget: approach 3 fitted on the {pred.fitted_on_budgets} smaller "
+                     f"budgets predicts {pred.predicted_best_loss:.4f} at C = {_fmt(pred.flops)}; the best run "
+                     f"there reached {pred.observed_best_loss:.4f} ({pred.relative_error:+.2%})")
+    lines += [f"warning: {w}" for w in result.warnings]
     return "\n".join(lines)
 
 
-def render(result: dict, records: list[dict], plot_paths: list[str], workdir: str) -> str:
+def render(result: FitResult, records: list[dict], plot_paths: list[str], workdir: str) -> str:
     """report.md: the summary and warnings, a table per approach, the figures, the runs."""
-    conv = result["conventions"]
+    conv = result.conventions
     lines = ["# Sweep report", "",
-             f"{result['n_runs']} finished runs of {len(records)}; N = `{conv['params']}`, C = `{conv['flops']}`, "
-             f"loss = {conv['loss']}; {intervals_line(result)}.", ""]
+             f"{result.n_runs} finished runs of {len(records)}; N = `{conv.params}`, C = `{conv.flops}`, "
+             f"loss = {conv.loss}; {intervals_line(result)}.", ""]
     failed = [r for r in records if r.get("status") != "finished"]
     if failed:
         lines += ["Not finished: " + ", ".join(f"{r['name']} ({r.get('status')}: {r.get('error')})" for r in failed),
                   ""]
-    if result.get("warnings"):
+    if result.warnings:
         lines += ["## Warnings", "", "These approaches are flagged: read their numbers as diagnostics, not results; "
                   "the figures draw no fitted line for them.", ""]
-        lines += [f"- {w}" for w in result["warnings"]]
+        lines += [f"- {w}" for w in result.warnings]
         lines.append("")
     lines += ["## Summary", "", "```", summary(result), "```", ""]
     lines += _approach_sections(result)
@@ -110,61 +105,56 @@ def render(result: dict, records: list[dict], plot_paths: list[str], workdir: st
     lines += ["", "## Runs", "", "| name | status | N | D | C | eval loss | bits/byte | wall s |",
               "|---|---|---|---|---|---|---|---|"]
     for r in records:
-        lines.append(f"| {r['name']} | {r.get('status')} | {r.get(conv['params'])} | {r.get('tokens')} | "
-                     f"{_fmt(r.get(conv['flops']))} | {_fmt(r.get('eval_loss'))} | {_fmt(r.get('eval_bpb'))} | "
+        lines.append(f"| {r['name']} | {r.get('status')} | {r.get(conv.params)} | {r.get('tokens')} | "
+                     f"{_fmt(r.get(conv.flops))} | {_fmt(r.get('eval_loss'))} | {_fmt(r.get('eval_bpb'))} | "
                      f"{_fmt(r.get('wall_seconds'))} |")
     return "\n".join(lines) + "\n"
 
 
-def _approach_sections(result: dict) -> list[str]:
+def _approach_sections(result: FitResult) -> list[str]:
     """A markdown section per approach, then the prediction at the largest budget."""
     lines = []
-    if "approach3" in result:
-        p = result["approach3"]
+    if p := result.approach3:
         lines += ["## Approach 3: L(N, D) = E + A/N^alpha + B/D^beta", ""]
         lines += ["| parameter | value | interval |", "|---|---|---|"]
-        lines += [f"| {k} | {_fmt(p[k])} | {_ci(p, k)} |" for k in ("E", "A", "B", "alpha", "beta", "a", "b")]
-        if "vpnls" in p:
-            v = p["vpnls"]
+        lines += [f"| {k} | {_fmt(getattr(p, k))} | {_ci(p, k)} |" for k in ("E", "A", "B", "alpha", "beta", "a", "b")]
+        if v := p.vpnls:
             lines += ["", "Cross-check by VPNLS (E, A, B by non-negative least squares at each alpha, beta; least "
-                      f"squares of relative residuals): E {_fmt(v['E'])}, A {_fmt(v['A'])}, B {_fmt(v['B'])}, "
-                      f"alpha {_fmt(v['alpha'])}, beta {_fmt(v['beta'])}; Huber objective {v['objective']:.6g} "
-                      f"against L-BFGS's {p['objective']:.6g}."]
+                      f"squares of relative residuals): E {_fmt(v.E)}, A {_fmt(v.A)}, B {_fmt(v.B)}, "
+                      f"alpha {_fmt(v.alpha)}, beta {_fmt(v.beta)}; Huber objective {v.objective:.6g} "
+                      f"against L-BFGS's {p.objective:.6g}."]
         lines.append("")
-    a2 = result.get("approach2", {})
-    if a2:
+    if a2 := result.approach2:
         lines += ["## Approach 2: IsoFLOP parabolas", "", "| budget C | N* | D* | loss at N* | R² of the parabola |",
                   "|---|---|---|---|---|"]
-        lines += [f"| {_fmt(b['flops'])} | {_fmt(b['n_star'])} | {_fmt(b['d_star'])} | {_fmt(b['loss_star'])} | "
-                  + (f"{b['r2']:.4f} |" if b.get("points", MIN_PARABOLA_POINTS) >= MIN_PARABOLA_POINTS else
-                     f"n/a ({b['points']} sizes) |") for b in a2["budgets"]]
-        for d in a2["dropped"]:
-            lines.append(f"| {_fmt(d['flops'])} | dropped: {d['reason']} | | | {_fmt(d.get('r2'))} |")
-        if "a" in a2:
-            lines += ["", f"N* ∝ C^{a2['a']['exponent']:.4f} {_ci(a2, 'a')} (R² of log N* against log C: "
-                      f"{a2['a']['r2']:.4f}); D* ∝ C^{a2['b']['exponent']:.4f} {_ci(a2, 'b')}"]
+        lines += [f"| {_fmt(b.flops)} | {_fmt(b.n_star)} | {_fmt(b.d_star)} | {_fmt(b.loss_star)} | "
+                  + (f"{b.r2:.4f} |" if b.points >= MIN_PARABOLA_POINTS else f"n/a ({b.points} sizes) |")
+                  for b in a2.budgets]
+        for d in a2.dropped:
+            lines.append(f"| {_fmt(d.flops)} | dropped: {d.reason} | | | {_fmt(d.r2)} |")
+        if a2.a is not None:
+            lines += ["", f"N* ∝ C^{a2.a.exponent:.4f} {_ci(a2, 'a')} (R² of log N* against log C: "
+                      f"{a2.a.r2:.4f}); D* ∝ C^{a2.b.exponent:.4f} {_ci(a2, 'b')}"]
         lines.append("")
-    a1 = result.get("approach1", {})
-    if "a" in a1:
-        lines += ["## Approach 1: the envelope", "", f"N_opt ∝ C^{a1['a']['exponent']:.4f} {_ci(a1, 'a')} "
-                  f"(R² {a1['a']['r2']:.4f}); D_opt ∝ C^{a1['b']['exponent']:.4f} {_ci(a1, 'b')}", ""]
-    k = result.get("kaplan", {})
-    if k:
+    if a1 := result.approach1:
+        lines += ["## Approach 1: the envelope", "", f"N_opt ∝ C^{a1.a.exponent:.4f} {_ci(a1, 'a')} "
+                  f"(R² {a1.a.r2:.4f}); D_opt ∝ C^{a1.b.exponent:.4f} {_ci(a1, 'b')}", ""]
+    if k := result.kaplan:
         lines += ["## Kaplan-style power laws", ""]
-        if "L_N" in k:
-            lines.append(f"- L(N) = (N_c / N)^alpha_N: alpha_N = {_fmt(k['L_N']['alpha_N'])}, "
-                         f"N_c = {_fmt(k['L_N']['N_c'])}, R² {k['L_N']['r2']:.4f}")
-        if "L_C" in k:
-            lines.append(f"- L(C) = (C_c / C)^alpha_C: alpha_C = {_fmt(k['L_C']['alpha_C'])}, "
-                         f"C_c = {_fmt(k['L_C']['C_c'])}, R² {k['L_C']['r2']:.4f}")
+        if k.L_N:
+            lines.append(f"- L(N) = (N_c / N)^alpha_N: alpha_N = {_fmt(k.L_N.alpha_N)}, "
+                         f"N_c = {_fmt(k.L_N.N_c)}, R² {k.L_N.r2:.4f}")
+        if k.L_C:
+            lines.append(f"- L(C) = (C_c / C)^alpha_C: alpha_C = {_fmt(k.L_C.alpha_C)}, "
+                         f"C_c = {_fmt(k.L_C.C_c)}, R² {k.L_C.r2:.4f}")
         lines.append("")
-    pred = result.get("prediction")
-    if pred and "error" in pred and isinstance(pred["error"], str):
-        lines += ["## Prediction at the largest budget", "", f"Not made: {pred['error']}.", ""]
+    pred = result.prediction
+    if isinstance(pred, NoPrediction):
+        lines += ["## Prediction at the largest budget", "", f"Not made: {pred.reason}.", ""]
     elif pred:
         lines += ["## Prediction at the largest budget", "",
-                  f"Approach 3 fitted on the {pred['fitted_on_budgets']} smaller budgets predicts a best loss of "
-                  f"{pred['predicted_best_loss']:.4f} at C = {_fmt(pred['flops'])} (at N_opt = "
-                  f"{_fmt(pred['n_opt'])}); the best run there reached {pred['observed_best_loss']:.4f}: error "
-                  f"{pred['error']:+.4f} ({pred['relative_error']:+.2%}).", ""]
+                  f"Approach 3 fitted on the {pred.fitted_on_budgets} smaller budgets predicts a best loss of "
+                  f"{pred.predicted_best_loss:.4f} at C = {_fmt(pred.flops)} (at N_opt = "
+                  f"{_fmt(pred.n_opt)}); the best run there reached {pred.observed_best_loss:.4f}: error "
+                  f"{pred.error:+.4f} ({pred.relative_error:+.2%}).", ""]
     return lines

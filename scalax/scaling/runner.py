@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import ctypes
 import json
-import math
 import os
 import signal
 import subprocess
@@ -34,6 +33,7 @@ from scalax.errors import ConfigError
 from scalax.parallel.devices import DEVICE_MEMORY
 from scalax.scaling import analysis
 from scalax.scaling import sweep as sweep_lib
+from scalax.scaling.results import FitResult, jsonable
 
 FINISHED, FAILED, DIVERGED, PENDING, RUNNING, SKIPPED = ("finished", "failed", "diverged", "pending", "running",
                                                          "skipped")
@@ -87,7 +87,8 @@ def check_sweep_config(cfg: ConfigDict, key: str = "--config") -> None:
                           "allowed: a sweep config such as configs/sweeps/quickstart.py")
 
 
-def run_sweep(cfg: ConfigDict, workdir: str, parallel: int = 1, log=print, force: bool = False) -> dict:
+def run_sweep(cfg: ConfigDict, workdir: str, parallel: int = 1, log=print,
+              force: bool = False) -> FitResult | None:
     """Train every run of the sweep that has not finished, then fit and plot; returns the fit. A workdir that
     holds a sweep of another config is refused, naming what changed, unless `force`: then the runs whose
     config changed (or that left the grid) are moved to DIR/replaced/ and trained again."""
@@ -270,9 +271,9 @@ def run_result(workdir: str, name: str, returncode: int, seconds: float) -> dict
     return {"status": status, "error": error, "returncode": returncode, "wall_seconds": seconds}
 
 
-def fit_and_plot(workdir: str, cfg: ConfigDict, log=print) -> dict:
+def fit_and_plot(workdir: str, cfg: ConfigDict, log=print) -> FitResult | None:
     """Fit the finished runs (analysis.analyse, as `scalax fit DIR` does) and write fit.json, fit_runs.csv (the
-    points fitted: `scalax fit --csv` of it gives the same fit), report.md and plots/."""
+    points fitted: `scalax fit --csv` of it gives the same fit), report.md and plots/; None: too few runs."""
     from scalax.scaling import plots, report  # matplotlib, imported only when there is something to plot
 
     records = list(Ledger(workdir).records.values())
@@ -280,25 +281,14 @@ def fit_and_plot(workdir: str, cfg: ConfigDict, log=print) -> dict:
     runs_for_fit = analysis.runs_of_ledger(records, sweep)
     if len(runs_for_fit) < 5:
         log(f"sweep: only {len(runs_for_fit)} finished runs; not fitting")
-        return {}
+        return None
     result = analysis.analyse(runs_for_fit, bootstrap=sweep["bootstrap"], seed=sweep["seed"],
                               conventions_used=analysis.conventions(sweep))
     io.atomic_write_json(io.join(workdir, "fit.json"), jsonable(result))
     analysis.write_csv(io.join(workdir, "fit_runs.csv"), runs_for_fit, analysis.finished_names(records))
     paths = plots.plot_all(result, runs_for_fit, io.join(workdir, "plots"))
     io.atomic_write_text(io.join(workdir, "report.md"), report.render(result, records, paths, workdir))
-    log(report.summary(jsonable(result)))
+    log(report.summary(result))
     log(f"sweep: fitted {len(runs_for_fit)} runs; wrote {workdir}/fit.json, fit_runs.csv, report.md and plots/")
     return result
 
-
-def jsonable(x):
-    if isinstance(x, dict):
-        return {k: jsonable(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [jsonable(v) for v in x]
-    if isinstance(x, float) and not math.isfinite(x):
-        return None
-    if hasattr(x, "item"):
-        return x.item()
-    return x

@@ -1,5 +1,6 @@
 """One analysis whichever command asks (sweep, fit DIR, fit --csv, plot), and fits that are not fits flagged."""
 
+import copy
 import json
 import os
 
@@ -9,6 +10,7 @@ import pytest
 from scalax import cli
 from scalax import config as config_lib
 from scalax.scaling import analysis, fit
+from scalax.scaling.results import Interval, Intervals
 from tests.scaling.test_fit import TRUE, isoflop_grid
 
 
@@ -114,30 +116,30 @@ def test_a_degenerate_sweep_is_flagged_and_draws_no_frontier(capsys, tmp_path):
 def test_three_point_parabolas_are_flagged():
     runs = isoflop_grid(budgets=3, sizes=3, lo=1 / 3, hi=3)
     result = analysis.analyse(runs)
-    warnings = result["approach2"]["warnings"]
+    warnings = result.approach2.warnings
     assert len([w for w in warnings if "a parabola through 3 sizes" in w]) == 3
-    assert not result["approach2"]["ok"]
+    assert not result.approach2.ok
     more = analysis.analyse(isoflop_grid(budgets=3, sizes=4, lo=1 / 3, hi=3))
-    assert not any("parabola through" in w for w in more["approach2"]["warnings"])
+    assert not any("parabola through" in w for w in more.approach2.warnings)
 
 
 def test_checks_on_hand_made_results():
     """Each check against a result built to trip it (and only it)."""
     runs = isoflop_grid(budgets=4, sizes=7, lo=1 / 4, hi=4)
     sound = analysis.analyse(runs)
-    assert sound["warnings"] == []
-    bad = json.loads(json.dumps(sound))
-    bad["approach3"].update(alpha=28.39, A=4.3e99)
-    bad["approach1"]["a"]["exponent"] = -0.116
-    bad["approach1"]["ci"] = {"level": 0.8, "a": {"low": -0.116, "high": 0.5, "n": 10}}
-    bad["kaplan"]["L_N"]["alpha_N"] = -0.02
+    assert sound.warnings == []
+    bad = copy.deepcopy(sound)
+    bad.approach3.alpha, bad.approach3.A = 28.39, 4.3e99
+    bad.approach1.a.exponent = -0.116
+    bad.approach1.ci = Intervals(0.8, {"a": Interval(low=-0.116, high=0.5, se=float("nan"), n=10)})
+    bad.kaplan.L_N.alpha_N = -0.02
     analysis.check(bad, runs)
-    assert any("alpha = 28.39" in w for w in bad["approach3"]["warnings"])
-    assert any("outside (0, 1)" in w for w in bad["approach1"]["warnings"])
-    assert any("at the edge of its own interval" in w for w in bad["approach1"]["warnings"])
-    assert any("alpha_N" in w for w in bad["kaplan"]["warnings"])
-    assert bad["approach2"]["ok"] and not bad["approach2"]["warnings"]
-    high_e = json.loads(json.dumps(sound))
-    high_e["approach3"]["E"] = float(runs.loss.min()) + 0.1
+    assert any("alpha = 28.39" in w for w in bad.approach3.warnings)
+    assert any("outside (0, 1)" in w for w in bad.approach1.warnings)
+    assert any("at the edge of its own interval" in w for w in bad.approach1.warnings)
+    assert any("alpha_N" in w for w in bad.kaplan.warnings)
+    assert bad.approach2.ok and not bad.approach2.warnings
+    high_e = copy.deepcopy(sound)
+    high_e.approach3.E = float(runs.loss.min()) + 0.1
     analysis.check(high_e, runs)
-    assert any("above the lowest loss" in w for w in high_e["approach3"]["warnings"])
+    assert any("above the lowest loss" in w for w in high_e.approach3.warnings)

@@ -9,6 +9,7 @@ from scipy import optimize
 
 from scalax.errors import ConfigError
 from scalax.scaling import fit
+from scalax.scaling.results import Law
 
 TRUE = dict(E=1.82, A=482.0, B=2085.0, alpha=0.348, beta=0.366)
 A_TRUE = TRUE["beta"] / (TRUE["alpha"] + TRUE["beta"])
@@ -21,20 +22,20 @@ def isoflop_grid(lo=1 / 8, hi=8, drift=0.0, budgets=8, sizes=10, law=TRUE):
     (times (C/1e17)^drift: a centre that drifts off the optimum as the budget grows)."""
     n, d, c = [], [], []
     for flops in np.logspace(17, 21, budgets):
-        n_opt, _ = fit.frontier(law, flops)
+        n_opt, _ = Law(**law).frontier(flops)
         centre = n_opt * (flops / 1e17) ** drift
         for size in np.logspace(np.log10(centre * lo), np.log10(centre * hi), sizes):
             n.append(size)
             d.append(flops / (6 * size))
             c.append(flops)
     n, d, c = map(np.asarray, (n, d, c))
-    return fit.Runs.of(n, d, fit.law(law, n, d), c)
+    return fit.Runs.of(n, d, Law(**law).loss(n, d), c)
 
 
 def test_noise_free_recovery_of_all_five_parameters():
     p, _ = fit.fit_approach3(isoflop_grid())
     for k, v in TRUE.items():
-        assert p[k] == pytest.approx(v, rel=1e-4), k
+        assert getattr(p, k) == pytest.approx(v, rel=1e-4), k
 
 
 @pytest.mark.slow
@@ -47,23 +48,23 @@ def test_noisy_recovery_and_bootstrap_coverage():
         noisy = fit.Runs.of(runs.params, runs.tokens,
                             runs.loss * np.exp(0.01 * np.random.default_rng(seed).standard_normal(len(runs))),
                             runs.flops)
-        result = fit.fit(noisy, "3", bootstrap=60, level=0.8, seed=seed, starts=fit.grid_starts()[::45])["approach3"]
+        result = fit.fit(noisy, "3", bootstrap=60, level=0.8, seed=seed, starts=fit.grid_starts()[::45]).approach3
         if seed == 0:  # the subset of starts finds the whole grid's optimum
             whole, _ = fit.fit_approach3(noisy)
-            assert result["objective"] == pytest.approx(whole["objective"], rel=1e-9)
-            assert result["alpha"] == pytest.approx(whole["alpha"], rel=1e-6)
-        errors_alpha.append(abs(result["alpha"] - TRUE["alpha"]))
-        errors_a.append(abs(result["a"] - A_TRUE))
-        ci = result["ci"]["alpha"]
-        covered += ci["low"] <= TRUE["alpha"] <= ci["high"]
+            assert result.objective == pytest.approx(whole.objective, rel=1e-9)
+            assert result.alpha == pytest.approx(whole.alpha, rel=1e-6)
+        errors_alpha.append(abs(result.alpha - TRUE["alpha"]))
+        errors_a.append(abs(result.a - A_TRUE))
+        ci = result.ci.get("alpha")
+        covered += ci.low <= TRUE["alpha"] <= ci.high
     assert np.median(errors_alpha) < 0.02 and np.median(errors_a) < 0.02
     assert 12 <= covered <= 19  # 60% .. 95% of 20 seeds
 
 
 def test_closed_form_frontier_equals_brute_force():
     for flops in (1e18, 3.7e20, 1e23):
-        n_opt, d_opt = fit.frontier(TRUE, flops)
-        res = optimize.minimize_scalar(lambda x, c=flops: fit.law(TRUE, np.exp(x), c / (6 * np.exp(x))),
+        n_opt, d_opt = Law(**TRUE).frontier(flops)
+        res = optimize.minimize_scalar(lambda x, c=flops: Law(**TRUE).loss(np.exp(x), c / (6 * np.exp(x))),
                                        bounds=(np.log(n_opt) - 5, np.log(n_opt) + 5), method="bounded",
                                        options={"xatol": 1e-10})
         assert n_opt == pytest.approx(np.exp(res.x), rel=1e-6)
@@ -72,11 +73,11 @@ def test_closed_form_frontier_equals_brute_force():
 
 def test_approach2_narrow_centred_is_accurate():
     result = fit.fit_approach2(isoflop_grid(lo=1 / 2, hi=2))
-    assert abs(result["a"]["exponent"] - A_TRUE) < 0.01
-    assert not result["dropped"]
-    for budget in result["budgets"]:
-        n_opt, _ = fit.frontier(TRUE, budget["flops"])
-        assert budget["n_star"] == pytest.approx(n_opt, rel=0.002)
+    assert abs(result.a.exponent - A_TRUE) < 0.01
+    assert not result.dropped
+    for budget in result.budgets:
+        n_opt, _ = Law(**TRUE).frontier(budget.flops)
+        assert budget.n_star == pytest.approx(n_opt, rel=0.002)
 
 
 def test_approach2_bias_with_wide_or_off_centre_sampling():
@@ -84,18 +85,18 @@ def test_approach2_bias_with_wide_or_off_centre_sampling():
     centre drifts with the budget turns that offset into a biased exponent."""
     narrow = fit.fit_approach2(isoflop_grid(lo=1 / 2, hi=2))
     wide = fit.fit_approach2(isoflop_grid(lo=1 / 16, hi=16))
-    narrow_offset = max(abs(b["n_star"] / fit.frontier(TRUE, b["flops"])[0] - 1) for b in narrow["budgets"])
-    wide_offset = min(abs(b["n_star"] / fit.frontier(TRUE, b["flops"])[0] - 1) for b in wide["budgets"])
+    narrow_offset = max(abs(b.n_star / Law(**TRUE).frontier(b.flops)[0] - 1) for b in narrow.budgets)
+    wide_offset = min(abs(b.n_star / Law(**TRUE).frontier(b.flops)[0] - 1) for b in wide.budgets)
     assert wide_offset > 0.01 > 0.002 > narrow_offset
     drifting = fit.fit_approach2(isoflop_grid(lo=1 / 8, hi=8, drift=0.1))
-    assert abs(drifting["a"]["exponent"] - A_TRUE) > 10 * abs(narrow["a"]["exponent"] - A_TRUE) + 1e-4
+    assert abs(drifting.a.exponent - A_TRUE) > 10 * abs(narrow.a.exponent - A_TRUE) + 1e-4
 
 
 def test_approach2_drops_budgets_minimised_at_the_edge():
     runs = isoflop_grid(lo=2, hi=16)  # every size above the optimum: the minimum is the smallest size
     result = fit.fit_approach2(runs)
-    assert not result["budgets"] and len(result["dropped"]) == 8
-    assert all("edge" in d["reason"] for d in result["dropped"])
+    assert not result.budgets and len(result.dropped) == 8
+    assert all("edge" in d.reason for d in result.dropped)
 
 
 def test_bootstrap_reports_only_what_the_full_fit_has():
@@ -103,18 +104,18 @@ def test_bootstrap_reports_only_what_the_full_fit_has():
     some resamples (duplicated points reweight the parabolas) find two budgets. Their exponents are not
     reported as an interval of a number the fit does not give."""
     runs = isoflop_grid(lo=1.45, hi=1.45 * 32, budgets=3, sizes=5, drift=-0.02)
-    assert len(fit.fit_approach2(runs)["budgets"]) == 1
+    assert len(fit.fit_approach2(runs).budgets) == 1
     rng = np.random.default_rng(0)
     resampled = [fit.fit_approach2(runs.take(rng.integers(0, len(runs), len(runs)))) for _ in range(30)]
-    assert any("a" in r for r in resampled)  # the case this test is about does arise
+    assert any(r.a is not None for r in resampled)  # the case this test is about does arise
     result = fit.fit(runs, "2", bootstrap=30, seed=0)
-    assert "a" not in result["approach2"] and "a" not in result["approach2"].get("ci", {})
+    assert result.approach2.a is None and result.approach2.interval("a") is None
 
 
 def test_approach1_envelope_on_a_fine_grid():
     result = fit.fit_approach1(isoflop_grid(lo=1 / 8, hi=8, sizes=41))
-    assert abs(result["a"]["exponent"] - A_TRUE) < 0.02
-    assert abs(result["a"]["exponent"] + result["b"]["exponent"] - 1) < 1e-9  # C = 6 N D
+    assert abs(result.a.exponent - A_TRUE) < 0.02
+    assert abs(result.a.exponent + result.b.exponent - 1) < 1e-9  # C = 6 N D
 
 
 def test_kaplan_power_laws_recover_pure_power_laws():
@@ -122,8 +123,8 @@ def test_kaplan_power_laws_recover_pure_power_laws():
     loss = (8.8e13 / n) ** 0.076  # Kaplan et al. 2020's L(N)
     runs = fit.Runs.of(n, np.full(12, 1e10), loss)
     result = fit.fit_kaplan(runs)
-    assert result["L_N"]["alpha_N"] == pytest.approx(0.076, rel=1e-9)
-    assert result["L_N"]["N_c"] == pytest.approx(8.8e13, rel=1e-6)
+    assert result.L_N.alpha_N == pytest.approx(0.076, rel=1e-9)
+    assert result.L_N.N_c == pytest.approx(8.8e13, rel=1e-6)
 
 
 def test_scaling_n_and_d_changes_only_a_and_b():
@@ -134,9 +135,9 @@ def test_scaling_n_and_d_changes_only_a_and_b():
     k, m = 1e3, 1e-2
     scaled, _ = fit.fit_approach3(fit.Runs.of(noisy.params * k, noisy.tokens * m, noisy.loss))
     for key in ("E", "alpha", "beta"):
-        assert scaled[key] == pytest.approx(base[key], rel=1e-5), key
-    assert scaled["A"] == pytest.approx(base["A"] * k ** base["alpha"], rel=1e-4)
-    assert scaled["B"] == pytest.approx(base["B"] * m ** base["beta"], rel=1e-4)
+        assert getattr(scaled, key) == pytest.approx(getattr(base, key), rel=1e-5), key
+    assert scaled.A == pytest.approx(base.A * k**base.alpha, rel=1e-4)
+    assert scaled.B == pytest.approx(base.B * m**base.beta, rel=1e-4)
 
 
 def test_row_order_does_not_matter_and_same_seed_same_fit():
@@ -147,8 +148,8 @@ def test_row_order_does_not_matter_and_same_seed_same_fit():
     perm = np.random.default_rng(0).permutation(len(noisy))
     b = fit.fit(noisy.take(perm), "all")
     for key in ("E", "A", "B", "alpha", "beta"):
-        assert b["approach3"][key] == pytest.approx(a["approach3"][key], rel=1e-7)
-    assert b["approach2"]["a"]["exponent"] == pytest.approx(a["approach2"]["a"]["exponent"], rel=1e-9)
+        assert getattr(b.approach3, key) == pytest.approx(getattr(a.approach3, key), rel=1e-7)
+    assert b.approach2.a.exponent == pytest.approx(a.approach2.a.exponent, rel=1e-9)
     again = fit.fit(noisy, "all", bootstrap=20, seed=3)
     assert again == a  # bit for bit
 
@@ -169,14 +170,14 @@ def chinchilla():
 def test_chinchilla_data_reproduces_besiroglu_et_al(chinchilla):
     runs = fit.drop_outliers(chinchilla, drop_highest=5)
     assert len(chinchilla) == 245 and len(runs) == 240
-    result = fit.fit(runs, "3", bootstrap=400, seed=0)["approach3"]
-    assert result["E"] == pytest.approx(1.817, abs=0.01)
-    assert result["alpha"] == pytest.approx(0.348, abs=0.006)
-    assert result["beta"] == pytest.approx(0.366, abs=0.008)
-    assert result["a"] == pytest.approx(0.513, abs=0.006)
+    result = fit.fit(runs, "3", bootstrap=400, seed=0).approach3
+    assert result.E == pytest.approx(1.817, abs=0.01)
+    assert result.alpha == pytest.approx(0.348, abs=0.006)
+    assert result.beta == pytest.approx(0.366, abs=0.008)
+    assert result.a == pytest.approx(0.513, abs=0.006)
     published_se = {"alpha": 0.015, "beta": 0.021, "E": 0.026, "a": 0.020}
     for key, se in published_se.items():
-        assert result["ci"][key]["se"] == pytest.approx(se, rel=0.25), key
+        assert result.ci.get(key).se == pytest.approx(se, rel=0.25), key
 
 
 def test_vpnls_recovers_a_noise_free_surface():
@@ -185,8 +186,8 @@ def test_vpnls_recovers_a_noise_free_surface():
     runs = isoflop_grid(budgets=8, sizes=16)
     v = fit.fit_approach3_vpnls(runs)
     for k, want in TRUE.items():
-        assert v[k] == pytest.approx(want, rel=1e-6), k
-    assert v["sse"] < 1e-20
+        assert getattr(v, k) == pytest.approx(want, rel=1e-6), k
+    assert v.sse < 1e-20
 
 
 def test_vpnls_on_the_chinchilla_data_finds_no_lower_huber_objective_than_lbfgs(chinchilla):
@@ -197,12 +198,12 @@ def test_vpnls_on_the_chinchilla_data_finds_no_lower_huber_objective_than_lbfgs(
     runs = fit.drop_outliers(chinchilla, drop_highest=5)
     p, _ = fit.fit_approach3(runs)
     v = fit.fit_approach3_vpnls(runs)
-    assert v["objective"] >= p["objective"] * (1 - 1e-9)
+    assert v.objective >= p.objective * (1 - 1e-9)
     for key, within in (("E", 0.06), ("alpha", 0.02), ("beta", 0.05)):
-        assert abs(v[key] - p[key]) < within, (key, v[key], p[key])
-    huber = fit._objective(np.asarray([[np.log(p["A"]), np.log(p["B"]), np.log(p["E"]), p["alpha"],
-                                        p["beta"]]]), np.log(runs.params), np.log(runs.tokens), np.log(runs.loss))
-    assert p["objective"] == pytest.approx(huber[0][0], rel=1e-9)  # both scored by one objective
+        assert abs(getattr(v, key) - getattr(p, key)) < within, (key, getattr(v, key), getattr(p, key))
+    huber = fit._objective(np.asarray([[np.log(p.A), np.log(p.B), np.log(p.E), p.alpha, p.beta]]),
+                           np.log(runs.params), np.log(runs.tokens), np.log(runs.loss))
+    assert p.objective == pytest.approx(huber[0][0], rel=1e-9)  # both scored by one objective
 
 
 @pytest.mark.parametrize("text,match", [

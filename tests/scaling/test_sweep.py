@@ -179,15 +179,15 @@ def test_sweep_killed_and_restarted_records_each_run_once(tmp_path, capsys, wher
 def test_report_and_plots_from_a_known_law(tmp_path):
     """finish-stage outputs on runs drawn from a known law: tables with R², the prediction, every figure."""
     from scalax.scaling import fit, plots, report
+    from scalax.scaling.results import Conventions
     from tests.scaling.test_fit import isoflop_grid
 
     runs = isoflop_grid(budgets=4, sizes=5, lo=1 / 4, hi=4)
     noisy = fit.Runs.of(runs.params, runs.tokens, runs.loss * (1 + 0.002 * np.sin(np.arange(len(runs)))),
                         runs.flops)
     result = fit.fit(noisy, "all", bootstrap=20)
-    result["prediction"] = fit.predict_largest_budget(noisy)
-    result["conventions"] = {"params": "params_non_embedding", "flops": "flops_6n", "loss": "eval nats/token"}
-    result["n_runs"] = len(noisy)
+    result.prediction = fit.predict_largest_budget(noisy)
+    result.conventions = Conventions(params="params_non_embedding", flops="flops_6n", loss="eval nats/token")
     paths = plots.plot_all(result, noisy, str(tmp_path / "plots"))
     assert len(paths) == 4
     for path in paths:
@@ -200,9 +200,9 @@ def test_report_and_plots_from_a_known_law(tmp_path):
     text = report.render(result, records, paths, str(tmp_path))
     assert text.count("R² of the parabola") == 1 and "R² of log N* against log C" in text
     assert "predicts a best loss of" in text
-    pred = result["prediction"]
-    assert abs(pred["relative_error"]) < 0.01  # a smooth law extrapolates well
-    assert pred["observed_best_loss"] == pytest.approx(min(noisy.loss[noisy.flops == noisy.flops.max()]))
+    pred = result.prediction
+    assert abs(pred.relative_error) < 0.01  # a smooth law extrapolates well
+    assert pred.observed_best_loss == pytest.approx(min(noisy.loss[noisy.flops == noisy.flops.max()]))
 
 
 def test_positional_sweep_is_the_quickstart_grid_per_scheme():

@@ -23,7 +23,7 @@ import ml_collections
 from scalax import io
 from scalax.data import tokenizers
 from scalax.errors import ConfigError
-from scalax.models import presets
+from scalax.models import positions, presets
 from scalax.models.config import ModelConfig
 
 STRUCTURE_KEYS = ("preset", "size", "d_model", "n_layers")
@@ -211,7 +211,7 @@ def check_seq_len(seq_len: int, model: ModelConfig) -> None:
     if seq_len <= 0:
         raise ConfigError("train.seq_len", f"must be a positive integer, got {seq_len}")
     if seq_len > model.max_seq_len:
-        what = "the learned position table" if model.position == "learned" else "the model's context"
+        what = positions.scheme_of(model).context_name
         raise ConfigError("train.seq_len", f"{seq_len} exceeds {what} (model.max_seq_len={model.max_seq_len}); "
                           f"allowed: at most {model.max_seq_len}, or raise model.max_seq_len")
 

@@ -57,12 +57,38 @@ def rope_freqs(cfg: ModelConfig) -> np.ndarray:
     return np.asarray(freqs)
 
 
-def rope(x_TxNxK: np.ndarray, cfg: ModelConfig) -> np.ndarray:
+def rope(x_TxNxK: np.ndarray, cfg: ModelConfig, pos_T: np.ndarray) -> np.ndarray:
     dim = cfg.rotary_dim
-    T = x_TxNxK.shape[0]
     z = x_TxNxK[..., : dim // 2] + 1j * x_TxNxK[..., dim // 2 : dim]
-    z = z * np.exp(1j * np.arange(T)[:, None, None] * rope_freqs(cfg)[None, None, :])
+    z = z * np.exp(1j * pos_T[:, None, None] * rope_freqs(cfg)[None, None, :])
     return np.concatenate([z.real, z.imag, x_TxNxK[..., dim:]], axis=-1)
+
+
+def sinusoidal(cfg: ModelConfig, pos_T: np.ndarray) -> np.ndarray:
+    i = np.arange(cfg.d_model)
+    angle = pos_T[:, None] / 10000.0 ** ((i - i % 2) / cfg.d_model)
+    return np.where(i % 2 == 0, np.sin(angle), np.cos(angle))
+
+
+def alibi(cfg: ModelConfig, pos_T: np.ndarray) -> np.ndarray:
+    return -alibi_slopes_closed_form(cfg.n_heads)[:, None, None] * (pos_T[:, None] - pos_T[None, :])
+
+
+def t5(cfg: ModelConfig, table: np.ndarray, pos_T: np.ndarray) -> np.ndarray:
+    buckets = t5_bucket_np(pos_T[None, :] - pos_T[:, None], cfg.t5_num_buckets, cfg.t5_max_distance)
+    return table[buckets].transpose(2, 0, 1)
+
+
+# Each positional scheme of scalax.models.positions.SCHEMES, from its paper: what it adds to the input [T, D],
+# its attention bias [H, T, T], its rotation of q and k. Functions of (cfg, params, positions [T]).
+POSITION_REFERENCES = {
+    "learned": dict(embed=lambda cfg, p, pos: p["pos_embed"][pos]),
+    "sinusoidal": dict(embed=lambda cfg, p, pos: sinusoidal(cfg, pos)),
+    "rope": dict(rotate=lambda cfg, p, pos: lambda x: rope(x, cfg, pos)),
+    "alibi": dict(bias=lambda cfg, p, pos: alibi(cfg, pos)),
+    "t5": dict(bias=lambda cfg, p, pos: t5(cfg, p["relpos_bias"], pos)),
+    "none": dict(),
+}
 
 
 def norm(x: np.ndarray, p: dict, cfg: ModelConfig) -> np.ndarray:
@@ -82,13 +108,12 @@ def dense(x, p, contract: int = 1):
     return y + p["bias"] if "bias" in p else y
 
 
-def attention(x_TxD, p, cfg: ModelConfig, bias_HxTxT):
+def attention(x_TxD, p, cfg: ModelConfig, bias_HxTxT, rotate):
     T = x_TxD.shape[0]
     q, k, v = (dense(x_TxD, p[n]) for n in "qkv")  # [T, N, K]
     if cfg.qk_norm:
         q, k = norm(q, p["q_norm"], cfg), norm(k, p["k_norm"], cfg)
-    if cfg.position == "rope":
-        q, k = rope(q, cfg), rope(k, cfg)
+    q, k = rotate(q), rotate(k)
     rep = cfg.n_heads // cfg.n_kv_heads
     k, v = np.repeat(k, rep, axis=1), np.repeat(v, rep, axis=1)  # head h uses kv head h // rep
     scores = np.einsum("thk,shk->hts", q, k) / math.sqrt(cfg.head_dim) + bias_HxTxT
@@ -110,26 +135,19 @@ def mlp(x, p, cfg: ModelConfig):
     return dense(h, p["wo"])
 
 
-def forward(cfg: ModelConfig, params, tokens_T: np.ndarray) -> np.ndarray:
-    """Logits [T, V] in float64 for one sequence."""
+def forward(cfg: ModelConfig, params, tokens_T: np.ndarray, first_position: int = 0) -> np.ndarray:
+    """Logits [T, V] in float64 for one sequence whose first token sits at `first_position`."""
     import jax
 
     p = jax.tree.map(lambda a: np.asarray(a, np.float64), nn.meta.unbox(params))
     T = len(tokens_T)
     x = p["embed"]["embedding"][tokens_T]
-    pos = np.arange(T)
-    if cfg.position == "learned":
-        x = x + p["pos_embed"][:T]
-    elif cfg.position == "sinusoidal":
-        i = np.arange(cfg.d_model)
-        angle = pos[:, None] / 10000.0 ** ((i - i % 2) / cfg.d_model)
-        x = x + np.where(i % 2 == 0, np.sin(angle), np.cos(angle))
-    bias = np.zeros((cfg.n_heads, T, T))
-    if cfg.position == "alibi":
-        bias = -alibi_slopes_closed_form(cfg.n_heads)[:, None, None] * (pos[:, None] - pos[None, :])
-    elif cfg.position == "t5":
-        buckets = t5_bucket_np(pos[None, :] - pos[:, None], cfg.t5_num_buckets, cfg.t5_max_distance)
-        bias = p["relpos_bias"][buckets].transpose(2, 0, 1)
+    pos = np.arange(T) + first_position
+    scheme = POSITION_REFERENCES[cfg.position]
+    if "embed" in scheme:
+        x = x + scheme["embed"](cfg, p, pos)
+    bias = scheme["bias"](cfg, p, pos) if "bias" in scheme else np.zeros((cfg.n_heads, T, T))
+    rotate = scheme["rotate"](cfg, p, pos) if "rotate" in scheme else (lambda x: x)
     for i in range(cfg.n_layers):
         if "layers" in p:
             lp = p["layers"] if cfg.share_layers else jax.tree.map(lambda a, i=i: a[i], p["layers"])
@@ -137,12 +155,12 @@ def forward(cfg: ModelConfig, params, tokens_T: np.ndarray) -> np.ndarray:
             lp = p[f"layer_{i}"]
         if cfg.parallel_block:
             h = norm(x, lp["attn_norm"], cfg)
-            x = x + attention(h, lp["attn"], cfg, bias) + mlp(h, lp["mlp"], cfg)
+            x = x + attention(h, lp["attn"], cfg, bias, rotate) + mlp(h, lp["mlp"], cfg)
         elif cfg.norm_position == "pre":
-            x = x + attention(norm(x, lp["attn_norm"], cfg), lp["attn"], cfg, bias)
+            x = x + attention(norm(x, lp["attn_norm"], cfg), lp["attn"], cfg, bias, rotate)
             x = x + mlp(norm(x, lp["mlp_norm"], cfg), lp["mlp"], cfg)
         else:
-            x = norm(x + attention(x, lp["attn"], cfg, bias), lp["attn_norm"], cfg)
+            x = norm(x + attention(x, lp["attn"], cfg, bias, rotate), lp["attn_norm"], cfg)
             x = norm(x + mlp(x, lp["mlp"], cfg), lp["mlp_norm"], cfg)
     if cfg.norm_position == "pre":
         x = norm(x, p["final_norm"], cfg)

@@ -38,7 +38,7 @@ def resolve(cfg: ModelConfig, backend: str | None = None) -> str:
     if cfg.attention != "auto":
         return cfg.attention
     backend = backend or jax.default_backend()
-    if backend == "tpu" and not positions.has_bias(cfg):
+    if backend == "tpu" and not positions.scheme_of(cfg).has_bias:
         return "splash"
     return "dot_product" if backend == "gpu" else "einsum"
 
@@ -225,9 +225,9 @@ class Attention(nn.Module):
         if cfg.qk_norm:
             q_BxTxHxK = Norm(cfg, axis_name="head_dim", name="q_norm")(q_BxTxHxK)
             k_BxTxGxK = Norm(cfg, axis_name="head_dim", name="k_norm")(k_BxTxGxK)
-        if cfg.position == "rope":
-            q_BxTxHxK = positions.apply_rope(q_BxTxHxK, positions_T, cfg)
-            k_BxTxGxK = positions.apply_rope(k_BxTxGxK, positions_T, cfg)
+        scheme = positions.scheme_of(cfg)
+        q_BxTxHxK = scheme.rotate(cfg, q_BxTxHxK, positions_T)
+        k_BxTxGxK = scheme.rotate(cfg, k_BxTxGxK, positions_T)
         q_BxTxHxK = constrain(q_BxTxHxK, ("act_batch", "act_seq", "act_heads", "act_head_dim"))
         k_BxTxGxK = constrain(k_BxTxGxK, ("act_batch", "act_seq", "act_kv_heads", "act_head_dim"))
         v_BxTxGxK = constrain(v_BxTxGxK, ("act_batch", "act_seq", "act_kv_heads", "act_head_dim"))
@@ -249,8 +249,7 @@ class Attention(nn.Module):
             impl = "einsum" if impl == "splash" else impl
 
         B, T = q_BxTxHxK.shape[:2]
-        bias_fn = functools.partial(positions.attention_bias, cfg, table_NxH=bias_table) \
-            if positions.has_bias(cfg) else None
+        bias_fn = functools.partial(scheme.bias, cfg, table=bias_table) if scheme.has_bias else None
         out_BxTxGxQxK = attend(impl, q_BxTxHxK.reshape(B, T, G, H // G, K), k_BxSxGxK, v_BxSxGxK, positions_T,
                                k_pos_S, bias_fn, cfg.attention_block)
         out_BxTxHxK = constrain(out_BxTxGxQxK.reshape(B, T, H, K), ("act_batch", "act_seq", "act_heads",

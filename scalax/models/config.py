@@ -12,12 +12,12 @@ from collections.abc import Mapping
 from typing import Any
 
 from scalax.errors import ConfigError
+from scalax.models import positions
 
 NORMS = ("layernorm", "rmsnorm")
 NORM_POSITIONS = ("pre", "post")
 MLPS = ("gelu", "swiglu", "geglu", "relu")
-POSITIONS = ("learned", "sinusoidal", "rope", "alibi", "t5", "none")
-ROPE_SCALINGS = ("none", "llama3")
+POSITIONS = tuple(positions.SCHEMES)  # the registry in models/positions.py
 DTYPES = ("float32", "bfloat16", "float16")
 # Each remat name maps to one jax checkpoint policy (see decoder.REMAT_POLICIES).
 REMATS = ("none", "full", "dots", "dots_no_batch")
@@ -107,7 +107,6 @@ class ModelConfig:
             ("norm_position", NORM_POSITIONS),
             ("mlp", MLPS),
             ("position", POSITIONS),
-            ("rope_scaling", ROPE_SCALINGS),
             ("dtype", DTYPES),
             ("param_dtype", DTYPES),
             ("remat", REMATS),
@@ -120,51 +119,14 @@ class ModelConfig:
             raise ConfigError("model.norm_eps", f"must be positive, got {self.norm_eps}")
         if self.init_std <= 0:
             raise ConfigError("model.init_std", f"must be positive, got {self.init_std}")
-        self._validate_position()
+        positions.scheme_of(self).validate(self)  # its keys (RoPE's rotation and scaling, T5's buckets)
         if self.attention_block <= 0:
             raise ConfigError("model.attention_block", f"must be a positive integer, got {self.attention_block}")
-        if self.attention == "splash" and self.position in ("alibi", "t5"):
+        if self.attention == "splash" and positions.scheme_of(self).has_bias:
             raise ConfigError("model.attention", f"splash adds no attention bias, which position={self.position!r} "
                               "needs; allowed with it: auto, einsum, dot_product, chunked")
         if self.parallel_block and self.norm_position == "post":
             raise ConfigError("model.parallel_block", "is only defined with norm_position='pre'")
-
-    def _validate_position(self) -> None:
-        """The keys of the positional scheme in use (RoPE's rotation and scaling, T5's buckets)."""
-        if self.position == "rope":
-            if not 0.0 < self.rope_fraction <= 1.0:
-                raise ConfigError("model.rope_fraction", f"must be in (0, 1], got {self.rope_fraction}")
-            if self.rotary_dim % 2 or self.rotary_dim == 0:
-                raise ConfigError(
-                    "model.head_dim",
-                    f"RoPE rotates pairs of dimensions: head_dim * rope_fraction = {self.rotary_dim} must be "
-                    f"even and positive (head_dim={self.head_dim}, rope_fraction={self.rope_fraction})",
-                )
-            if self.rope_theta <= 0:
-                raise ConfigError("model.rope_theta", f"must be positive, got {self.rope_theta}")
-            if self.rope_scaling == "llama3":
-                if self.rope_scaling_factor < 1:
-                    raise ConfigError("model.rope_scaling_factor", f"must be >= 1, got {self.rope_scaling_factor}")
-                if not 0 < self.rope_low_freq_factor < self.rope_high_freq_factor:
-                    raise ConfigError(
-                        "model.rope_high_freq_factor",
-                        "must exceed rope_low_freq_factor > 0, got "
-                        f"low={self.rope_low_freq_factor}, high={self.rope_high_freq_factor}",
-                    )
-                if self.rope_original_context <= 0:
-                    raise ConfigError(
-                        "model.rope_original_context", f"must be positive, got {self.rope_original_context}"
-                    )
-        elif self.rope_scaling != "none":
-            raise ConfigError("model.rope_scaling", f"only applies with position='rope', got {self.position!r}")
-        if self.position == "t5":
-            if self.t5_num_buckets < 2:
-                raise ConfigError("model.t5_num_buckets", f"must be >= 2, got {self.t5_num_buckets}")
-            if self.t5_max_distance <= self.t5_num_buckets // 2:
-                raise ConfigError(
-                    "model.t5_max_distance",
-                    f"must exceed t5_num_buckets // 2 = {self.t5_num_buckets // 2}, got {self.t5_max_distance}",
-                )
 
     # ------------------------------------------------------------------ derived shapes
     @property

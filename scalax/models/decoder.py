@@ -64,12 +64,11 @@ class Decoder(nn.Module):
             self.cache_ready = self.has_variable("cache", "index")
             self.cache_index = self.variable("cache", "index", lambda: jnp.zeros((), jnp.int32))
         self.embed = Embedding(cfg)
-        if cfg.position == "learned":
-            self.pos_embed = self.param("pos_embed", kernel_init(cfg, ("position", "embed")),
-                                        (cfg.max_seq_len, cfg.d_model), dtype_of(cfg.param_dtype))
-        if cfg.position == "t5":  # one table shared by all layers, as in T5
-            self.relpos_bias = self.param("relpos_bias", kernel_init(cfg, ("relpos_buckets", "heads")),
-                                          (cfg.t5_num_buckets, cfg.n_heads), dtype_of(cfg.param_dtype))
+        scheme = positions.scheme_of(cfg)
+        self.position_table = None  # the scheme's parameter (a learned table, T5's biases), shared by the layers
+        if scheme.table_name:
+            self.position_table = self.param(scheme.table_name, kernel_init(cfg, scheme.table_axes),
+                                             scheme.table_shape(cfg), dtype_of(cfg.param_dtype))
         block = Block
         policy = REMAT_POLICIES[cfg.remat]
         scanned = cfg.scan_layers or cfg.share_layers
@@ -96,33 +95,33 @@ class Decoder(nn.Module):
                                  param_dtype=dtype_of(cfg.param_dtype),
                                  kernel_init=kernel_init(cfg, ("embed", "vocab")))
 
-    def __call__(self, tokens_BxT: jnp.ndarray) -> jnp.ndarray:
-        return self.from_embeddings(self.embed(tokens_BxT))
+    def __call__(self, tokens_BxT: jnp.ndarray, first_position: int = 0) -> jnp.ndarray:
+        """`first_position`: the position of the first token (0; another value shifts every position)."""
+        return self.from_embeddings(self.embed(tokens_BxT), first_position)
 
-    def from_embeddings(self, x_BxTxD: jnp.ndarray) -> jnp.ndarray:
+    def from_embeddings(self, x_BxTxD: jnp.ndarray, first_position: int = 0) -> jnp.ndarray:
         """Logits from token embeddings (before positions are added): the rest of the forward pass."""
         cfg = self.cfg
+        scheme = positions.scheme_of(cfg)
         T = x_BxTxD.shape[1]
         start = None
-        positions_T = jnp.arange(T, dtype=jnp.int32)
+        positions_T = jnp.arange(T, dtype=jnp.int32) + first_position
         if self.decode:
             start = self.cache_index.value
             if self.cache_ready:  # otherwise this call only creates the cache, of length T
                 self.cache_index.value = start + T
                 positions_T = positions_T + start
 
-        if cfg.position == "learned":
-            if T > cfg.max_seq_len:
-                raise ConfigError("model.max_seq_len", f"a sequence of {T} tokens is longer than the learned "
-                                  f"position table ({cfg.max_seq_len}); raise max_seq_len or shorten the input")
-            pos_TxD = jnp.take(self.pos_embed, positions_T, axis=0)
+        limit = scheme.length_limit(cfg)
+        if limit is not None and first_position + T > limit:
+            raise ConfigError("model.max_seq_len", f"a sequence of {T} tokens from position {first_position} runs "
+                              f"past {scheme.context_name} ({limit}); raise max_seq_len or shorten the input")
+        pos_TxD = scheme.embed(cfg, positions_T, self.position_table)
+        if pos_TxD is not None:
             x_BxTxD = x_BxTxD + pos_TxD.astype(x_BxTxD.dtype)[None]
-        elif cfg.position == "sinusoidal":
-            x_BxTxD = x_BxTxD + positions.sinusoidal(positions_T, cfg.d_model).astype(x_BxTxD.dtype)[None]
 
-        # T5's table is shared by the layers; each attention computes its bias from positions (block by block
-        # when chunked).
-        bias_table = self.relpos_bias if cfg.position == "t5" else None
+        # Each attention computes the scheme's bias from positions (block by block when chunked) and its table.
+        bias_table = self.position_table if scheme.has_bias else None
         x_BxTxD = x_BxTxD.astype(dtype_of(cfg.dtype))
         if isinstance(self.layers, (list, tuple)):
             for layer in self.layers:

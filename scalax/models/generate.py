@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from scalax.errors import ConfigError
+from scalax.models import positions
 from scalax.models.config import ModelConfig
 from scalax.models.decoder import Decoder, init_cache
 
@@ -85,7 +86,7 @@ def generate(cfg: ModelConfig, params, prompts: list[list[int]], max_tokens: int
             raise ConfigError(name, f"got {value}; allowed: {allowed}")
     longest = max(len(p) for p in prompts)
     if longest + max_tokens > cfg.max_seq_len:
-        what = "the learned position table" if cfg.position == "learned" else "the model's context"
+        what = positions.scheme_of(cfg).context_name
         raise ConfigError("--max-tokens", f"prompt ({longest} tokens) + max_tokens ({max_tokens}) exceeds {what} "
                           f"(model.max_seq_len={cfg.max_seq_len}); allowed: at most {cfg.max_seq_len - longest}")
     if eos_id is not None and not 0 <= eos_id < cfg.vocab_size:

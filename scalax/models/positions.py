@@ -1,17 +1,24 @@
-"""Positional schemes: sinusoidal, RoPE (+ partial rotary, Llama-3.1 scaling), ALiBi, T5 relative buckets.
+"""Positional schemes, one object each behind one protocol (`Scheme`), and the registry `SCHEMES` that maps
+`model.position` to it: learned absolute, sinusoidal, RoPE (+ partial rotary, Llama-3.1 scaling), ALiBi, T5
+relative buckets, none (causal masking alone leaks position, Haviv et al. 2022).
 
-Learned absolute positions are a parameter table in the decoder; `none` adds nothing (causal masking alone
-leaks position, Haviv et al. 2022). Pure functions of positions; everything here is float32.
+The rest of scalax asks the scheme (`scheme_of(cfg)`), never the scheme's name: the decoder for its table and
+what it adds to the input, attention for its bias and its rotation of q and k, FLOPs and the optimizer for its
+parameters, training and generation for its length limit. Pure functions of positions; float32.
 """
 
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
 import jax.numpy as jnp
 import numpy as np
 
-from scalax.models.config import ModelConfig
+from scalax.errors import ConfigError
+
+if TYPE_CHECKING:  # models/config.py imports this module (its list of schemes, their validation)
+    from scalax.models.config import ModelConfig
 
 
 # ---------------------------------------------------------------------- sinusoidal (Vaswani et al. 2017)
@@ -94,21 +101,153 @@ def t5_bucket(relative_TxS: jnp.ndarray, num_buckets: int, max_distance: int) ->
     return jnp.where(n < max_exact, n, large)
 
 
-# ---------------------------------------------------------------------- the additive attention bias
-def has_bias(cfg: ModelConfig) -> bool:
-    """Whether the scheme adds a bias to the attention scores (ALiBi, T5) instead of touching q/k or x."""
-    return cfg.position in ("alibi", "t5")
+# ---------------------------------------------------------------------- the schemes
+class Scheme:
+    """A positional scheme. Every hook defaults to "adds nothing"; a scheme overrides what it uses.
+
+    Its parameter (at most one, at the decoder's top level): `table_name`, `table_axes` (logical axis names),
+    `table_shape(cfg)`; `table_is_embedding`: counted apart from N with the token table (a lookup into the
+    input) rather than in N. `relative`: its logits depend only on distances between positions.
+    """
+
+    name: str = ""
+    table_name: str | None = None
+    table_axes: tuple[str, ...] = ()
+    table_is_embedding: bool = False
+    has_bias: bool = False
+    relative: bool = True
+    context_name: str = "the model's context"  # what a too-long sequence exceeds, in error messages
+
+    def validate(self, cfg: ModelConfig) -> None:
+        """Raise ConfigError for a key of this scheme that is out of range, or another scheme's key that is set."""
+        if cfg.rope_scaling != "none":
+            raise ConfigError("model.rope_scaling", f"only applies with position='rope', got {cfg.position!r}")
+
+    def table_shape(self, cfg: ModelConfig) -> tuple[int, ...] | None:
+        return None
+
+    def table_params(self, cfg: ModelConfig) -> int:
+        shape = self.table_shape(cfg)
+        return int(np.prod(shape)) if shape else 0
+
+    def length_limit(self, cfg: ModelConfig) -> int | None:
+        """The longest sequence the scheme can encode (None: any length)."""
+        return None
+
+    def embed(self, cfg: ModelConfig, positions_T: jnp.ndarray, table) -> jnp.ndarray | None:
+        """What is added to the token embeddings: [T, D] float32, or None."""
+        return None
+
+    def rotate(self, cfg: ModelConfig, x_BxTxNxK: jnp.ndarray, positions_T: jnp.ndarray) -> jnp.ndarray:
+        """Queries or keys as attention sees them (RoPE rotates them; the rest leave them)."""
+        return x_BxTxNxK
+
+    def bias(self, cfg: ModelConfig, q_pos_T: jnp.ndarray, k_pos_S: jnp.ndarray, table) -> jnp.ndarray | None:
+        """The additive attention bias [H, T, S] float32 between query and key positions (None: no bias).
+
+        A function of positions alone (and the scheme's table), so blockwise attention can compute it one block
+        of queries and keys at a time."""
+        return None
 
 
-def attention_bias(cfg: ModelConfig, q_pos_T: jnp.ndarray, k_pos_S: jnp.ndarray,
-                   table_NxH: jnp.ndarray | None) -> jnp.ndarray | None:
-    """The scheme's additive bias [H, T, S] float32 between query and key positions (None: no bias).
+class Learned(Scheme):
+    """A learned table [max_seq_len, D] added to the input (GPT-2); sequences up to max_seq_len."""
 
-    A function of positions alone (and T5's learned [buckets, H] table), so blockwise attention can compute it
-    one block of queries and keys at a time."""
-    if cfg.position == "alibi":
+    name, table_name, table_axes, table_is_embedding = "learned", "pos_embed", ("position", "embed"), True
+    relative, context_name = False, "the learned position table"
+
+    def table_shape(self, cfg: ModelConfig) -> tuple[int, ...]:
+        return (cfg.max_seq_len, cfg.d_model)
+
+    def length_limit(self, cfg: ModelConfig) -> int:
+        return cfg.max_seq_len
+
+    def embed(self, cfg: ModelConfig, positions_T: jnp.ndarray, table) -> jnp.ndarray:
+        return jnp.take(table, positions_T, axis=0).astype(jnp.float32)
+
+
+class Sinusoidal(Scheme):
+    """Fixed sines and cosines added to the input (Vaswani et al. 2017)."""
+
+    name, relative = "sinusoidal", False
+
+    def embed(self, cfg: ModelConfig, positions_T: jnp.ndarray, table) -> jnp.ndarray:
+        return sinusoidal(positions_T, cfg.d_model)
+
+
+ROPE_SCALINGS = ("none", "llama3")
+
+
+class Rope(Scheme):
+    """Rotary embeddings of q and k (Su et al. 2021), partial rotary and Llama-3.1 frequency scaling."""
+
+    name = "rope"
+
+    def validate(self, cfg: ModelConfig) -> None:
+        if not 0.0 < cfg.rope_fraction <= 1.0:
+            raise ConfigError("model.rope_fraction", f"must be in (0, 1], got {cfg.rope_fraction}")
+        if cfg.rotary_dim % 2 or cfg.rotary_dim == 0:
+            raise ConfigError("model.head_dim", f"RoPE rotates pairs of dimensions: head_dim * rope_fraction = "
+                              f"{cfg.rotary_dim} must be even and positive (head_dim={cfg.head_dim}, "
+                              f"rope_fraction={cfg.rope_fraction})")
+        if cfg.rope_theta <= 0:
+            raise ConfigError("model.rope_theta", f"must be positive, got {cfg.rope_theta}")
+        if cfg.rope_scaling not in ROPE_SCALINGS:
+            raise ConfigError("model.rope_scaling", f"unknown value {cfg.rope_scaling!r}; allowed: "
+                              f"{', '.join(ROPE_SCALINGS)}")
+        if cfg.rope_scaling == "llama3":
+            if cfg.rope_scaling_factor < 1:
+                raise ConfigError("model.rope_scaling_factor", f"must be >= 1, got {cfg.rope_scaling_factor}")
+            if not 0 < cfg.rope_low_freq_factor < cfg.rope_high_freq_factor:
+                raise ConfigError("model.rope_high_freq_factor", "must exceed rope_low_freq_factor > 0, got "
+                                  f"low={cfg.rope_low_freq_factor}, high={cfg.rope_high_freq_factor}")
+            if cfg.rope_original_context <= 0:
+                raise ConfigError("model.rope_original_context", f"must be positive, got {cfg.rope_original_context}")
+
+    def rotate(self, cfg: ModelConfig, x_BxTxNxK: jnp.ndarray, positions_T: jnp.ndarray) -> jnp.ndarray:
+        return apply_rope(x_BxTxNxK, positions_T, cfg)
+
+
+class Alibi(Scheme):
+    """A bias linear in distance, one slope per head (Press et al. 2022)."""
+
+    name, has_bias = "alibi", True
+
+    def bias(self, cfg: ModelConfig, q_pos_T: jnp.ndarray, k_pos_S: jnp.ndarray, table) -> jnp.ndarray:
         return alibi_bias(q_pos_T, k_pos_S, cfg.n_heads)
-    if cfg.position == "t5":
+
+
+class T5(Scheme):
+    """A learned bias per head and distance bucket [buckets, H], one table shared by all layers (Raffel et al.
+    2020); a per-head scalar used inside attention, so counted in N."""
+
+    name, table_name, table_axes, has_bias = "t5", "relpos_bias", ("relpos_buckets", "heads"), True
+
+    def validate(self, cfg: ModelConfig) -> None:
+        super().validate(cfg)
+        if cfg.t5_num_buckets < 2:
+            raise ConfigError("model.t5_num_buckets", f"must be >= 2, got {cfg.t5_num_buckets}")
+        if cfg.t5_max_distance <= cfg.t5_num_buckets // 2:
+            raise ConfigError("model.t5_max_distance", f"must exceed t5_num_buckets // 2 = "
+                              f"{cfg.t5_num_buckets // 2}, got {cfg.t5_max_distance}")
+
+    def table_shape(self, cfg: ModelConfig) -> tuple[int, ...]:
+        return (cfg.t5_num_buckets, cfg.n_heads)
+
+    def bias(self, cfg: ModelConfig, q_pos_T: jnp.ndarray, k_pos_S: jnp.ndarray, table) -> jnp.ndarray:
         buckets_TxS = t5_bucket(k_pos_S[None, :] - q_pos_T[:, None], cfg.t5_num_buckets, cfg.t5_max_distance)
-        return jnp.take(table_NxH.astype(jnp.float32), buckets_TxS, axis=0).transpose(2, 0, 1)
-    return None
+        return jnp.take(table.astype(jnp.float32), buckets_TxS, axis=0).transpose(2, 0, 1)
+
+
+class NoPosition(Scheme):
+    """Nothing: the causal mask alone (NoPE, Kazemnejad et al. 2023)."""
+
+    name = "none"
+
+
+SCHEMES: dict[str, Scheme] = {s.name: s for s in (Learned(), Sinusoidal(), Rope(), Alibi(), T5(), NoPosition())}
+
+
+def scheme_of(cfg: ModelConfig) -> Scheme:
+    """The scheme of `cfg.position` (validated by ModelConfig against SCHEMES)."""
+    return SCHEMES[cfg.position]

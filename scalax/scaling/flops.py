@@ -25,6 +25,7 @@ import jax
 import numpy as np
 from flax import linen as nn
 
+from scalax.models import positions
 from scalax.models.config import ModelConfig
 from scalax.models.param_groups import EMBEDDING_MODULES
 
@@ -51,10 +52,10 @@ def params_block(cfg: ModelConfig) -> int:
 
 
 def params_embedding(cfg: ModelConfig) -> int:
+    """The token table, the untied head and a positional table that is looked up into the input."""
+    scheme = positions.scheme_of(cfg)
     n = cfg.vocab_size * cfg.d_model * (1 if cfg.tie_embeddings else 2)
-    if cfg.position == "learned":
-        n += cfg.max_seq_len * cfg.d_model
-    return n
+    return n + (scheme.table_params(cfg) if scheme.table_is_embedding else 0)
 
 
 def params_non_embedding(cfg: ModelConfig, count_shared_per_use: bool = False) -> int:
@@ -63,9 +64,8 @@ def params_non_embedding(cfg: ModelConfig, count_shared_per_use: bool = False) -
     n = n_blocks * params_block(cfg)
     if cfg.norm_position == "pre":
         n += _norm_params(cfg, cfg.d_model)
-    if cfg.position == "t5":
-        n += cfg.t5_num_buckets * cfg.n_heads
-    return n
+    scheme = positions.scheme_of(cfg)
+    return n + (0 if scheme.table_is_embedding else scheme.table_params(cfg))
 
 
 def params_total(cfg: ModelConfig) -> int:

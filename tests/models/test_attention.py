@@ -13,7 +13,6 @@ from jax.sharding import Mesh
 from scalax.errors import ConfigError
 from scalax.models import Decoder, apply, positions
 from scalax.models.attention import attend, describe, resolve
-from scalax.models.config import POSITIONS
 from scalax.models.decoder import init_cache
 from scalax.parallel.mesh import Layout
 from scalax.parallel.rules import DEFAULT_RULES
@@ -40,8 +39,8 @@ def outputs_and_grads(impl, cfg, q, k, v, table, block):
     w = jax.random.normal(jax.random.key(9), q.shape, jnp.float32)
 
     def f(q, k, v, table):
-        bias_fn = functools.partial(positions.attention_bias, cfg, table_NxH=table) if positions.has_bias(cfg) \
-            else None
+        scheme = positions.scheme_of(cfg)
+        bias_fn = functools.partial(scheme.bias, cfg, table=table) if scheme.has_bias else None
         out = attend(impl, q, k, v, q_pos, k_pos, bias_fn, block)
         return jnp.sum(out.astype(jnp.float32) * w), out
 
@@ -113,10 +112,10 @@ def test_decoder_with_chunked_attention_equals_einsum_for_every_scheme():
     """The whole model (GQA, blocks of 8 over 20 tokens) for every positional scheme: logits; gradients for T5,
     whose bias has a learned table (the attention's own gradients: test_attention_agrees_with_einsum)."""
     tokens = jax.random.randint(jax.random.key(1), (2, 20), 0, 61)
-    for position in POSITIONS:
+    for position, scheme in positions.SCHEMES.items():
         cfg = small_config("llama", position=position, attention="einsum", attention_block=8)
         params, chunked = init_params(cfg), cfg.replace(attention="chunked")
-        if position == "t5":
+        if scheme.has_bias and scheme.table_name:  # a learned bias table: its gradients too
             (ref, ref_grads), (logits, grads) = (decoder_logits_and_grads(c, params, tokens) for c in (cfg, chunked))
             for g, r in zip(jax.tree.leaves(grads), jax.tree.leaves(ref_grads), strict=True):
                 assert_close(g, r, 2e-5)

@@ -7,11 +7,11 @@ import pytest
 from flax import linen as nn
 
 from scalax.errors import ConfigError
-from scalax.models import Decoder, init_cache
+from scalax.models import Decoder, init_cache, positions
 from scalax.models.decoder import stack_layers, unstack_layers
 from tests.conftest import init_params, random_tokens, small_config
 
-POSITIONS = ["learned", "sinusoidal", "rope", "alibi", "t5", "none"]
+POSITIONS = list(positions.SCHEMES)
 FAMILIES = ["gpt", "llama"]
 
 

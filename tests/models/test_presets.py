@@ -7,7 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from scalax.config import load, model_config
-from scalax.models import Decoder, ModelConfig, presets
+from scalax.models import Decoder, ModelConfig, positions, presets
 from scalax.scaling import flops
 
 # Published counts: Hugging Face's model cards / parameter counts of the released checkpoints.
@@ -89,7 +89,7 @@ shapes = st.fixed_dictionaries({
     "max_seq_len": st.integers(1, 64),
     "norm": st.sampled_from(["layernorm", "rmsnorm"]),
     "mlp": st.sampled_from(["gelu", "swiglu", "geglu", "relu"]),
-    "position": st.sampled_from(["learned", "sinusoidal", "rope", "alibi", "t5", "none"]),
+    "position": st.sampled_from(list(positions.SCHEMES)),
     "use_bias": st.booleans(),
     "qk_norm": st.booleans(),
     "tie_embeddings": st.booleans(),

@@ -3,11 +3,11 @@
 import numpy as np
 import pytest
 
-from scalax.models import Decoder
+from scalax.models import Decoder, positions
 from tests import reference
 from tests.conftest import init_params, random_tokens, small_config
 
-POSITIONS = ["learned", "sinusoidal", "rope", "alibi", "t5", "none"]
+POSITIONS = list(positions.SCHEMES)
 FEATURES = [
     ("llama", dict(n_kv_heads=1)),  # MQA
     ("llama", dict(n_kv_heads=4)),  # MHA
@@ -49,3 +49,27 @@ def test_every_position_scheme_matches_reference(family, position):
 @pytest.mark.parametrize("family,changes", FEATURES, ids=[f"{f}-{c}" for f, c in FEATURES])
 def test_feature_matches_reference(family, changes):
     _check(family, changes)
+
+
+def test_every_registered_scheme_has_a_reference():
+    """A scheme added to the registry without its float64 reference (tests/reference.py) fails here."""
+    assert set(positions.SCHEMES) == set(reference.POSITION_REFERENCES)
+
+
+@pytest.mark.parametrize("position", POSITIONS)
+def test_shifted_positions_match_reference_and_only_relative_schemes_ignore_the_shift(position):
+    """Every position moved by 13: the logits equal the reference's at those positions; they equal the
+    unshifted logits for a relative scheme (RoPE, ALiBi, T5, none) and differ for an absolute one."""
+    cfg = small_config("llama", position=position)
+    scheme = positions.SCHEMES[position]
+    params = init_params(cfg, 12)
+    tokens = random_tokens(cfg, 2, 12)
+    model = Decoder(cfg)
+    at_0, at_13 = (np.asarray(model.apply({"params": params}, tokens, k)) for k in (0, 13))
+    expected = np.stack([reference.forward(cfg, params, np.asarray(t), first_position=13) for t in tokens])
+    np.testing.assert_allclose(at_13, expected, atol=5e-5, rtol=1e-5)
+    change = np.abs(at_13 - at_0).max()
+    if scheme.relative:
+        assert change < 5e-5, change
+    else:
+        assert change > 1e-2, change

@@ -35,10 +35,29 @@ def t5_bucket_np(relative: np.ndarray, num_buckets: int, max_distance: int) -> n
     return np.where(n < max_exact, n, val_if_large)
 
 
-def rope_freqs(cfg: ModelConfig) -> np.ndarray:
-    """Inverse frequencies, with Llama-3.1 scaling written per frequency as Meta's reference code does."""
-    dim = cfg.rotary_dim
-    freqs = [1.0 / cfg.rope_theta ** (2 * i / dim) for i in range(dim // 2)]
+def rope_freqs(cfg: ModelConfig, seq_len: int = 1) -> np.ndarray:
+    """Inverse frequencies for a sequence of `seq_len` positions: Llama-3.1 scaling written per frequency as
+    Meta's reference code does; position interpolation (Chen et al. 2023) divides every frequency by the factor;
+    dynamic NTK raises the base once the sequence passes the original context; YaRN per frequency index as the
+    paper's code (and transformers) computes it."""
+    dim, s = cfg.rotary_dim, cfg.rope_scaling_factor
+    theta = cfg.rope_theta
+    if cfg.rope_scaling == "ntk" and seq_len > cfg.rope_original_context:
+        theta *= (s * seq_len / cfg.rope_original_context - (s - 1)) ** (dim / (dim - 2))
+    freqs = [1.0 / theta ** (2 * i / dim) for i in range(dim // 2)]
+    if cfg.rope_scaling == "linear":
+        return np.asarray(freqs) / s
+    if cfg.rope_scaling == "yarn":
+        def index_of(rotations):  # the frequency index whose wave turns `rotations` times in the original context
+            return dim * math.log(cfg.rope_original_context / (rotations * 2 * math.pi)) / (2 * math.log(theta))
+
+        low = max(math.floor(index_of(cfg.rope_beta_fast)), 0)
+        high = min(math.ceil(index_of(cfg.rope_beta_slow)), dim - 1)
+        out = []
+        for i, f in enumerate(freqs):
+            ramp = min(max((i - low) / (high - low), 0.0), 1.0)
+            out.append(ramp * f / s + (1 - ramp) * f)
+        return np.asarray(out)
     if cfg.rope_scaling == "llama3":
         out = []
         low_wl = cfg.rope_original_context / cfg.rope_low_freq_factor
@@ -60,7 +79,10 @@ def rope_freqs(cfg: ModelConfig) -> np.ndarray:
 def rope(x_TxNxK: np.ndarray, cfg: ModelConfig, pos_T: np.ndarray) -> np.ndarray:
     dim = cfg.rotary_dim
     z = x_TxNxK[..., : dim // 2] + 1j * x_TxNxK[..., dim // 2 : dim]
-    z = z * np.exp(1j * pos_T[:, None, None] * rope_freqs(cfg)[None, None, :])
+    scale = 1.0
+    if cfg.rope_scaling == "yarn":  # q and k scaled by the attention factor (the paper's sqrt(1/t))
+        scale = cfg.rope_attention_factor or 0.1 * math.log(cfg.rope_scaling_factor) + 1.0
+    z = scale * z * np.exp(1j * pos_T[:, None, None] * rope_freqs(cfg, int(pos_T.max()) + 1)[None, None, :])
     return np.concatenate([z.real, z.imag, x_TxNxK[..., dim:]], axis=-1)
 
 

@@ -68,6 +68,12 @@ BAD = [
     (["--config=configs/gpt.py:size=huge"], "size", "tiny"),
     (["--config=configs/nope.py"], "--config", "no such config file"),
     (["--config=configs/gpt.py:d_model=100,n_layers=2"], "model.d_model", "multiple of 64"),
+    (["--config=configs/llama.py", "--config.model.rope_scaling=xpos"], "model.rope_scaling", "yarn"),
+    (["--config=configs/gpt.py", "--config.model.rope_scaling=linear"], "model.rope_scaling", "position='rope'"),
+    (["--config=configs/llama.py", "--config.model.rope_scaling=yarn", "--config.model.rope_beta_fast=0.5"],
+     "model.rope_beta_fast", "exceed rope_beta_slow"),
+    (["--config=configs/llama.py", "--config.model.rope_scaling=ntk", "--config.model.rope_scaling_factor=0.5"],
+     "model.rope_scaling_factor", ">= 1"),
 ]
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 from typing import Any
 
@@ -28,7 +29,8 @@ from scalax.models import Decoder, ModelConfig, presets
 from scalax.models.decoder import stack_layers, unstack_layers
 
 ARCHITECTURES = ("GPT2LMHeadModel", "LlamaForCausalLM")
-ROPE_TYPES = ("default", "llama3")
+# transformers' rope_type -> model.rope_scaling (models/positions.py ROPE_SCALINGS)
+ROPE_TYPES = {"default": "none", "linear": "linear", "dynamic": "ntk", "yarn": "yarn", "llama3": "llama3"}
 GPT2_GELUS = ("gelu_new", "gelu_pytorch_tanh", "gelu_fast")  # the tanh approximation, as flax's nn.gelu
 
 
@@ -72,12 +74,53 @@ def config_from_hf(hf: dict, where: str = "config.json") -> ModelConfig:
         rope_theta=float(theta), dtype="float32")}
     if hf.get("head_dim"):
         fields["head_dim"] = hf["head_dim"]
-    if rope_type == "llama3":
-        fields.update(rope_scaling="llama3", rope_scaling_factor=float(rope["factor"]),
-                      rope_low_freq_factor=float(rope["low_freq_factor"]),
-                      rope_high_freq_factor=float(rope["high_freq_factor"]),
-                      rope_original_context=int(rope["original_max_position_embeddings"]))
+    fields.update(_rope_scaling_from_hf(ROPE_TYPES[rope_type], rope, hf, where))
     return ModelConfig(**fields)
+
+
+def _rope_scaling_from_hf(kind: str, rope: dict, hf: dict, where: str) -> dict[str, Any]:
+    """The model.rope_* fields of a transformers rope_parameters (or rope_scaling) dict of one `kind`."""
+    if kind == "none":
+        return {}
+    if kind == "linear":  # positions divided by the factor, whatever the context
+        return dict(rope_scaling=kind, rope_scaling_factor=float(rope["factor"]))
+    context = hf["max_position_embeddings"] if kind == "ntk" else rope.get("original_max_position_embeddings")
+    if context is None:
+        raise ConversionError(f"{where}: rope type {kind!r} needs original_max_position_embeddings")
+    factor = rope.get("factor") or hf["max_position_embeddings"] / context
+    fields: dict[str, Any] = dict(rope_scaling=kind, rope_scaling_factor=float(factor),
+                                  rope_original_context=int(context))
+    if kind == "llama3":
+        fields.update(rope_low_freq_factor=float(rope["low_freq_factor"]),
+                      rope_high_freq_factor=float(rope["high_freq_factor"]))
+    if kind == "yarn":
+        if rope.get("truncate", True) is not True:
+            raise ConversionError(f"{where}: YaRN with truncate={rope['truncate']!r} is not supported; allowed: true")
+        attention = rope.get("attention_factor")
+        if attention is None and rope.get("mscale") and rope.get("mscale_all_dim"):  # DeepSeek's form of it
+            def mscale(m: float) -> float:
+                return 0.1 * m * math.log(factor) + 1.0 if factor > 1 else 1.0
+            attention = mscale(rope["mscale"]) / mscale(rope["mscale_all_dim"])
+        fields.update(rope_beta_fast=float(rope.get("beta_fast") or 32),
+                      rope_beta_slow=float(rope.get("beta_slow") or 1), rope_attention_factor=float(attention or 0.0))
+    return fields
+
+
+def _rope_scaling_to_hf(cfg: ModelConfig) -> dict | None:
+    """transformers' rope_scaling dict of a config (None: no scaling)."""
+    if cfg.rope_scaling == "none":
+        return None
+    hf_type = {kind: hf_type for hf_type, kind in ROPE_TYPES.items()}[cfg.rope_scaling]
+    out: dict[str, Any] = {"rope_type": hf_type, "factor": cfg.rope_scaling_factor}
+    if cfg.rope_scaling in ("yarn", "llama3"):
+        out["original_max_position_embeddings"] = cfg.rope_original_context
+    if cfg.rope_scaling == "llama3":
+        out.update(low_freq_factor=cfg.rope_low_freq_factor, high_freq_factor=cfg.rope_high_freq_factor)
+    if cfg.rope_scaling == "yarn":
+        out.update(beta_fast=cfg.rope_beta_fast, beta_slow=cfg.rope_beta_slow)
+        if cfg.rope_attention_factor:
+            out["attention_factor"] = cfg.rope_attention_factor
+    return out
 
 
 def _family(cfg: ModelConfig) -> str:
@@ -106,12 +149,10 @@ def config_to_hf(cfg: ModelConfig) -> dict:
            "num_attention_heads": cfg.n_heads, "num_key_value_heads": cfg.n_kv_heads, "head_dim": cfg.head_dim,
            "max_position_embeddings": cfg.max_seq_len, "rms_norm_eps": cfg.norm_eps, "rope_theta": cfg.rope_theta,
            "hidden_act": "silu", "attention_bias": False, "mlp_bias": False,
-           "tie_word_embeddings": cfg.tie_embeddings, "torch_dtype": "float32", "rope_scaling": None}
-    if cfg.rope_scaling == "llama3":
-        out["rope_scaling"] = {"rope_type": "llama3", "factor": cfg.rope_scaling_factor,
-                               "low_freq_factor": cfg.rope_low_freq_factor,
-                               "high_freq_factor": cfg.rope_high_freq_factor,
-                               "original_max_position_embeddings": cfg.rope_original_context}
+           "tie_word_embeddings": cfg.tie_embeddings, "torch_dtype": "float32",
+           "rope_scaling": _rope_scaling_to_hf(cfg)}
+    if cfg.rope_scaling == "ntk":  # transformers' dynamic NTK scales past max_position_embeddings
+        out["max_position_embeddings"] = cfg.rope_original_context
     return out
 
 

@@ -53,11 +53,17 @@ class ModelConfig:
     position: str = "learned"
     rope_theta: float = 10000.0
     rope_fraction: float = 1.0  # fraction of head_dim that is rotated (GPT-NeoX uses 0.25)
-    rope_scaling: str = "none"  # 'llama3': Llama-3.1 frequency scaling
+    # Context extension (models/positions.py ROPE_SCALINGS): none, linear, ntk, yarn, llama3; `factor` s and the
+    # original context stretched s times; llama3's frequency bands; YaRN's ramp (beta_fast, beta_slow rotations)
+    # and attention factor (0: 0.1 ln s + 1).
+    rope_scaling: str = "none"
     rope_scaling_factor: float = 8.0
+    rope_original_context: int = 8192
     rope_low_freq_factor: float = 1.0
     rope_high_freq_factor: float = 4.0
-    rope_original_context: int = 8192
+    rope_beta_fast: float = 32.0
+    rope_beta_slow: float = 1.0
+    rope_attention_factor: float = 0.0
     t5_num_buckets: int = 32
     t5_max_distance: int = 128
 

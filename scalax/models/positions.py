@@ -1,5 +1,5 @@
 """Positional schemes, one object each behind one protocol (`Scheme`), and the registry `SCHEMES` that maps
-`model.position` to it: learned absolute, sinusoidal, RoPE (+ partial rotary, Llama-3.1 scaling), ALiBi, T5
+`model.position` to it: learned absolute, sinusoidal, RoPE (+ partial rotary, context extension), ALiBi, T5
 relative buckets, none (causal masking alone leaks position, Haviv et al. 2022).
 
 The rest of scalax asks the scheme (`scheme_of(cfg)`), never the scheme's name: the decoder for its table and
@@ -31,34 +31,82 @@ def sinusoidal(positions_T: jnp.ndarray, d_model: int, base: float = 10000.0) ->
 
 
 # ---------------------------------------------------------------------- RoPE (Su et al. 2021)
-def rope_inv_freq(cfg: ModelConfig) -> np.ndarray:
-    """Inverse frequencies [rotary_dim / 2] (float64 numpy), with Llama-3.1 scaling when configured.
+# Context extension, as transformers implements each (`rope_type`): linear position interpolation (Chen et al.
+# 2023); dynamic NTK-aware scaling (the base grows with the sequence once it passes the original context);
+# YaRN (Peng et al. 2023: interpolate the low frequencies, keep the high ones, a linear ramp between, and scale
+# q and k by an attention factor); Llama-3.1's frequency bands.
+ROPE_SCALINGS = ("none", "linear", "ntk", "yarn", "llama3")
 
-    Llama-3.1: wavelengths longer than original_context / low_freq_factor are divided by `factor`; shorter
-    than original_context / high_freq_factor are kept; in between, a smooth interpolation.
-    """
-    dim = cfg.rotary_dim
+
+def rope_inv_freq(cfg: ModelConfig) -> np.ndarray:
+    """Inverse frequencies [rotary_dim / 2] (float64 numpy) under the configured scaling; for `ntk`, those of
+    sequences within the original context (apply_rope computes the longer ones)."""
+    dim, factor = cfg.rotary_dim, cfg.rope_scaling_factor
     inv_freq = 1.0 / cfg.rope_theta ** (np.arange(0, dim, 2, dtype=np.float64) / dim)
+    if cfg.rope_scaling == "linear":
+        return inv_freq / factor
+    if cfg.rope_scaling == "yarn":
+        return _yarn(cfg, inv_freq)
     if cfg.rope_scaling == "llama3":
-        factor, low, high = cfg.rope_scaling_factor, cfg.rope_low_freq_factor, cfg.rope_high_freq_factor
-        old_context = cfg.rope_original_context
-        wavelen = 2 * math.pi / inv_freq
-        smooth = (old_context / wavelen - low) / (high - low)
-        smoothed = (1 - smooth) * inv_freq / factor + smooth * inv_freq
-        inv_freq = np.where(
-            wavelen < old_context / high,
-            inv_freq,
-            np.where(wavelen > old_context / low, inv_freq / factor, smoothed),
-        )
+        return _llama3(cfg, inv_freq)
     return inv_freq
+
+
+def _llama3(cfg: ModelConfig, inv_freq: np.ndarray) -> np.ndarray:
+    """Wavelengths longer than original_context / low_freq_factor are divided by `factor`; shorter than
+    original_context / high_freq_factor are kept; in between, a smooth interpolation."""
+    factor, low, high = cfg.rope_scaling_factor, cfg.rope_low_freq_factor, cfg.rope_high_freq_factor
+    old_context = cfg.rope_original_context
+    wavelen = 2 * math.pi / inv_freq
+    smooth = (old_context / wavelen - low) / (high - low)
+    smoothed = (1 - smooth) * inv_freq / factor + smooth * inv_freq
+    return np.where(wavelen < old_context / high, inv_freq,
+                    np.where(wavelen > old_context / low, inv_freq / factor, smoothed))
+
+
+def _yarn(cfg: ModelConfig, inv_freq: np.ndarray) -> np.ndarray:
+    """Frequency index i keeps its frequency below the dimension where a wave turns beta_fast times within the
+    original context, is divided by `factor` above the one where it turns beta_slow times, and is blended
+    linearly in index between (the bounds rounded outwards, as transformers does)."""
+    dim, base, context = cfg.rotary_dim, cfg.rope_theta, cfg.rope_original_context
+
+    def dim_of(rotations: float) -> float:
+        return dim * math.log(context / (rotations * 2 * math.pi)) / (2 * math.log(base))
+
+    low, high = max(math.floor(dim_of(cfg.rope_beta_fast)), 0), min(math.ceil(dim_of(cfg.rope_beta_slow)), dim - 1)
+    ramp = np.clip((np.arange(dim // 2) - low) / (high - low if high != low else 0.001), 0, 1)
+    return inv_freq / cfg.rope_scaling_factor * ramp + inv_freq * (1 - ramp)
+
+
+def rope_attention_factor(cfg: ModelConfig) -> float:
+    """What YaRN multiplies q and k by (its cos and sin): `rope_attention_factor`, or 0.1 ln(factor) + 1."""
+    if cfg.rope_scaling != "yarn":
+        return 1.0
+    if cfg.rope_attention_factor:
+        return cfg.rope_attention_factor
+    return 0.1 * math.log(cfg.rope_scaling_factor) + 1.0 if cfg.rope_scaling_factor > 1 else 1.0
+
+
+def _ntk_inv_freq(cfg: ModelConfig, seq_len) -> jnp.ndarray:
+    """Dynamic NTK: past the original context L, base theta · (s · T / L - (s - 1))^(dim / (dim - 2)) for a
+    sequence of T positions (float32, T traced). Decoding with a KV cache, the cached keys keep the frequencies
+    of the call that wrote them, as in transformers."""
+    dim, factor, context = cfg.rotary_dim, cfg.rope_scaling_factor, cfg.rope_original_context
+    seq = jnp.maximum(seq_len, context).astype(jnp.float32)
+    base = cfg.rope_theta * (factor * seq / context - (factor - 1)) ** (dim / (dim - 2))
+    return 1.0 / base ** (jnp.arange(0, dim, 2, dtype=jnp.float32) / dim)
 
 
 def apply_rope(x_BxTxNxK: jnp.ndarray, positions_T: jnp.ndarray, cfg: ModelConfig) -> jnp.ndarray:
     """Rotate the first `rotary_dim` dims of each head by position (rotate-half layout, as GPT-NeoX / HF)."""
     dim = cfg.rotary_dim
-    inv_freq_R = jnp.asarray(rope_inv_freq(cfg), jnp.float32)
+    if cfg.rope_scaling == "ntk":  # the sequence's length sets the base (as transformers: the largest position + 1)
+        inv_freq_R = _ntk_inv_freq(cfg, jnp.max(positions_T) + 1)
+    else:
+        inv_freq_R = jnp.asarray(rope_inv_freq(cfg), jnp.float32)
     angle_TxR = positions_T.astype(jnp.float32)[:, None] * inv_freq_R[None, :]
-    cos_Tx1xR, sin_Tx1xR = jnp.cos(angle_TxR)[:, None, :], jnp.sin(angle_TxR)[:, None, :]
+    scale = rope_attention_factor(cfg)
+    cos_Tx1xR, sin_Tx1xR = (scale * jnp.cos(angle_TxR))[:, None, :], (scale * jnp.sin(angle_TxR))[:, None, :]
     x = x_BxTxNxK.astype(jnp.float32)
     rot, rest = x[..., :dim], x[..., dim:]
     x1, x2 = rot[..., : dim // 2], rot[..., dim // 2 :]
@@ -175,11 +223,8 @@ class Sinusoidal(Scheme):
         return sinusoidal(positions_T, cfg.d_model)
 
 
-ROPE_SCALINGS = ("none", "llama3")
-
-
 class Rope(Scheme):
-    """Rotary embeddings of q and k (Su et al. 2021), partial rotary and Llama-3.1 frequency scaling."""
+    """Rotary embeddings of q and k (Su et al. 2021), partial rotary, context extension (`ROPE_SCALINGS`)."""
 
     name = "rope"
 
@@ -195,14 +240,25 @@ class Rope(Scheme):
         if cfg.rope_scaling not in ROPE_SCALINGS:
             raise ConfigError("model.rope_scaling", f"unknown value {cfg.rope_scaling!r}; allowed: "
                               f"{', '.join(ROPE_SCALINGS)}")
-        if cfg.rope_scaling == "llama3":
-            if cfg.rope_scaling_factor < 1:
-                raise ConfigError("model.rope_scaling_factor", f"must be >= 1, got {cfg.rope_scaling_factor}")
-            if not 0 < cfg.rope_low_freq_factor < cfg.rope_high_freq_factor:
-                raise ConfigError("model.rope_high_freq_factor", "must exceed rope_low_freq_factor > 0, got "
-                                  f"low={cfg.rope_low_freq_factor}, high={cfg.rope_high_freq_factor}")
-            if cfg.rope_original_context <= 0:
-                raise ConfigError("model.rope_original_context", f"must be positive, got {cfg.rope_original_context}")
+        if cfg.rope_scaling == "none":
+            return
+        if cfg.rope_scaling_factor < 1:
+            raise ConfigError("model.rope_scaling_factor", f"must be >= 1, got {cfg.rope_scaling_factor}")
+        if cfg.rope_original_context <= 0:
+            raise ConfigError("model.rope_original_context", f"must be positive, got {cfg.rope_original_context}")
+        if cfg.rope_scaling == "llama3" and not 0 < cfg.rope_low_freq_factor < cfg.rope_high_freq_factor:
+            raise ConfigError("model.rope_high_freq_factor", "must exceed rope_low_freq_factor > 0, got "
+                              f"low={cfg.rope_low_freq_factor}, high={cfg.rope_high_freq_factor}")
+        if cfg.rope_scaling == "yarn":
+            if not 0 < cfg.rope_beta_slow < cfg.rope_beta_fast:
+                raise ConfigError("model.rope_beta_fast", "must exceed rope_beta_slow > 0 (rotations within the "
+                                  f"original context), got fast={cfg.rope_beta_fast}, slow={cfg.rope_beta_slow}")
+            if cfg.rope_attention_factor < 0:
+                raise ConfigError("model.rope_attention_factor", "must be >= 0 (0: 0.1 ln(factor) + 1), got "
+                                  f"{cfg.rope_attention_factor}")
+        if cfg.rope_scaling == "ntk" and cfg.rotary_dim <= 2:
+            raise ConfigError("model.head_dim", f"dynamic NTK scaling needs more than 2 rotated dimensions, got "
+                              f"{cfg.rotary_dim}")
 
     def rotate(self, cfg: ModelConfig, x_BxTxNxK: jnp.ndarray, positions_T: jnp.ndarray) -> jnp.ndarray:
         return apply_rope(x_BxTxNxK, positions_T, cfg)

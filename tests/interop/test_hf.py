@@ -28,8 +28,20 @@ CASES = {
         **LLAMA, num_key_value_heads=2, rope_theta=500000.0)),
     "llama3.1-rope": lambda: transformers.LlamaForCausalLM(transformers.LlamaConfig(
         **LLAMA, num_key_value_heads=1, rope_theta=500000.0, rope_scaling=LLAMA31_ROPE)),
+    "llama-rope-linear": lambda: transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        **LLAMA, num_key_value_heads=2, rope_scaling={"rope_type": "linear", "factor": 4.0})),
+    "llama-rope-dynamic": lambda: transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        **{**LLAMA, "max_position_embeddings": 16}, num_key_value_heads=2,
+        rope_scaling={"rope_type": "dynamic", "factor": 4.0})),
+    "llama-rope-yarn": lambda: transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        **LLAMA, num_key_value_heads=2, rope_theta=500.0,
+        rope_scaling={"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 16})),
+    "llama-rope-yarn-deepseek-mscale": lambda: transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        **LLAMA, num_key_value_heads=2, rope_theta=500.0,
+        rope_scaling={"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 16, "beta_fast": 16,
+                      "beta_slow": 2, "mscale": 0.707, "mscale_all_dim": 1.0})),
 }
-SEQ = 40  # longer than the Llama-3.1 case's original context (16), so its frequency scaling matters
+SEQ = 40  # longer than the scaled cases' original context (16), so their frequency scaling matters
 
 
 def hf_model(name: str, directory) -> "torch.nn.Module":
@@ -74,11 +86,18 @@ def test_logit_parity_load_and_export(name, scan_layers, tmp_path):
         np.testing.assert_array_equal(a, b)
 
 
-def test_llama31_scaling_is_read_and_matters(tmp_path):
-    hf_model("llama3.1-rope", tmp_path / "hf")
+@pytest.mark.parametrize("name,read", [
+    ("llama3.1-rope", ("llama3", 8.0, 16, 500000.0)),
+    ("llama-rope-linear", ("linear", 4.0, 8192, 10000.0)),  # (linear scaling has no original context)
+    ("llama-rope-dynamic", ("ntk", 4.0, 16, 10000.0)),
+    ("llama-rope-yarn", ("yarn", 4.0, 16, 500.0)),
+])
+def test_rope_scaling_is_read_and_matters(name, read, tmp_path):
+    """The scaling's keys are read, and the scaling changes the logits of a sequence past its original context
+    (so the parity above is a parity of the scaling, not of plain RoPE)."""
+    hf_model(name, tmp_path / "hf")
     cfg, params = hf.load(str(tmp_path / "hf"))
-    assert (cfg.rope_scaling, cfg.rope_scaling_factor, cfg.rope_original_context, cfg.rope_theta) == (
-        "llama3", 8.0, 16, 500000.0)
+    assert (cfg.rope_scaling, cfg.rope_scaling_factor, cfg.rope_original_context, cfg.rope_theta) == read
     import dataclasses
 
     plain = dataclasses.replace(cfg, rope_scaling="none")
@@ -103,9 +122,9 @@ def test_refusals(tmp_path):
     (tmp_path / "bert" / "config.json").write_text(json.dumps({**config, "architectures": ["BertForMaskedLM"]}))
     with pytest.raises(hf.ConversionError, match="unsupported architecture 'BertForMaskedLM'; allowed: GPT2"):
         hf.load(str(tmp_path / "bert"))
-    bad = {**config, "rope_scaling": {"rope_type": "yarn", "factor": 4.0}, "rope_parameters": None}
+    bad = {**config, "rope_scaling": {"rope_type": "longrope", "factor": 4.0}, "rope_parameters": None}
     (tmp_path / "m" / "config.json").write_text(json.dumps(bad))
-    with pytest.raises(hf.ConversionError, match="unsupported rope type 'yarn'"):
+    with pytest.raises(hf.ConversionError, match="unsupported rope type 'longrope'"):
         hf.load(str(tmp_path / "m"))
     (tmp_path / "m" / "config.json").write_text(json.dumps({**config, "intermediate_size": 96}))
     with pytest.raises(hf.ConversionError, match=r"gate_proj.weight has shape \(64, 32\), but config.json implies "

@@ -24,6 +24,13 @@ FEATURES = [
     ("llama", dict(rope_fraction=0.5)),  # GPT-NeoX partial rotary
     # Llama-3.1 scaling with wavelengths in all three bands (kept, interpolated, divided by the factor).
     ("llama", dict(rope_scaling="llama3", rope_original_context=32, rope_scaling_factor=4.0, rope_theta=500.0)),
+    # Context extension: position interpolation; dynamic NTK past an original context of 6 (the sequence is 12);
+    # YaRN with a ramp over frequency indices 0..2 of 4, its default attention factor, then explicit ones.
+    ("llama", dict(rope_scaling="linear", rope_scaling_factor=4.0)),
+    ("llama", dict(rope_scaling="ntk", rope_scaling_factor=4.0, rope_original_context=6)),
+    ("llama", dict(rope_scaling="yarn", rope_scaling_factor=4.0, rope_original_context=64, rope_theta=500.0)),
+    ("llama", dict(rope_scaling="yarn", rope_scaling_factor=8.0, rope_original_context=256, rope_theta=500.0,
+                   rope_beta_fast=8.0, rope_beta_slow=2.0, rope_attention_factor=1.3)),
     ("llama", dict(scan_layers=False)),
     ("gpt", dict(head_dim=16)),  # head_dim != d_model / n_heads
     ("gpt", dict(tie_embeddings=False, norm="rmsnorm")),

@@ -359,6 +359,58 @@ def cmd_generate(args: argparse.Namespace, overrides: list[str]) -> int:
     return 0
 
 
+def _lengths(text: str | None, train_length: int) -> list[int]:
+    """--lengths 128,256,... (default: 1, 2, 4 and 8 times the training length)."""
+    if not text:
+        return [train_length * k for k in (1, 2, 4, 8)]
+    try:
+        return [int(x) for x in text.split(",")]
+    except ValueError:
+        raise ConfigError("--lengths", f"got {text!r}; allowed: positive integers separated by commas, e.g. "
+                          "128,256,512") from None
+
+
+def cmd_eval(args: argparse.Namespace, overrides: list[str]) -> int:
+    """The validation loss of a trained model at several lengths (windows and sliding windows), per position."""
+    import ml_collections
+
+    from scalax import config as config_lib
+    from scalax.data import corpora
+    from scalax.evaluate import lengths as lengths_lib
+    from scalax.evaluate import plots  # matplotlib: only for this command
+    from scalax.scaling.results import jsonable
+    from scalax.train import checkpoint
+
+    config, params, source = checkpoint.load_params(args.checkpoint, warn=_warn)
+    cfg = ml_collections.ConfigDict(config)
+    for item in overrides:  # e.g. --config.model.rope_scaling=yarn --config.model.rope_scaling_factor=4
+        config_lib.apply_override(cfg, item)
+    model_cfg, train_length = config_lib.model_config(cfg), cfg.train.seq_len
+    lengths = _lengths(args.lengths, train_length)
+    lengths_lib.check_lengths(lengths, model_cfg)
+    if not 0 < args.stride <= 1:
+        raise ConfigError("--stride", f"got {args.stride}; allowed: a fraction of the length in (0, 1]")
+    data = corpora.load_splits(cfg.data, log=lambda m: print(m, file=sys.stderr))
+    results = lengths_lib.evaluate_lengths(model_cfg, params, data.val, data.header["max_token_id"], lengths,
+                                           args.windows or cfg.train.eval_windows, cfg.train.batch_size * train_length,
+                                           args.stride, log=lambda m: print(m, file=sys.stderr))
+    out = args.out or io.join(args.checkpoint, "eval")
+    io.make_output_dir(out, "--out")
+    title = f"{model_cfg.position}" + (f", rope_scaling {model_cfg.rope_scaling}" if model_cfg.rope_scaling != "none"
+                                       else "") + f", trained at {train_length}"
+    record = {"checkpoint": source, "position": model_cfg.position, "rope_scaling": model_cfg.rope_scaling,
+              "train_seq_len": train_length, "bytes_per_token": data.bytes_per_token("val"),
+              "lengths": jsonable(results)}
+    io.atomic_write_json(io.join(out, "lengths.json"), record)
+    paths = plots.plot_lengths(results, train_length, title, out)
+    print("length  windows  loss (nats/token)  ± se     strided loss  x training length")
+    for r in results:
+        print(f"{r.length:6d}  {r.windows:7d}  {r.loss:17.4f}  {r.loss_se:.4f}  {r.strided.loss:12.4f}  "
+              f"{r.length / train_length:g}")
+    print(f"wrote {io.join(out, 'lengths.json')} and {', '.join(os.path.basename(p) for p in paths)}")
+    return 0
+
+
 class Parser(argparse.ArgumentParser):
     """argparse, with a usage mistake reported in one line (the usage itself is one --help away)."""
 
@@ -465,6 +517,15 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--json", action="store_true", help="one JSON object per prompt")
     gen.set_defaults(func=cmd_generate)
 
+    ev = sub.add_parser("eval", help="the validation loss at other lengths than the training one",
+                        description=overrides + " E.g. --config.model.rope_scaling=yarn to extend RoPE.", **kw)
+    ev.add_argument("--checkpoint", required=True, help="a training workdir or a converted checkpoint")
+    ev.add_argument("--lengths", help="evaluation lengths, e.g. 128,256,512 (default: 1, 2, 4, 8 x train.seq_len)")
+    ev.add_argument("--windows", type=int, default=0, help="windows per length (0: the run's train.eval_windows)")
+    ev.add_argument("--stride", type=float, default=0.5, help="sliding windows every this fraction of the length")
+    ev.add_argument("--out", help="output directory (default: CHECKPOINT/eval)")
+    ev.set_defaults(func=cmd_eval)
+
     plot = sub.add_parser("plot", help="fit and plot a sweep directory again", **kw)
     plot.add_argument("dir", help="a sweep directory (its sweep.json and runs.jsonl)")
     plot.set_defaults(func=cmd_plot)
@@ -504,7 +565,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-COMPILES = ("train", "plan", "generate")  # the commands that compile a model's program
+COMPILES = ("train", "plan", "generate", "eval")  # the commands that compile a model's program
 
 
 def use_compilation_cache() -> None:

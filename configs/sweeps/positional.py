@@ -22,4 +22,5 @@ def get_config(arg: str | None = None):
         raise ConfigError("position", f"unknown value {position!r}; allowed: {', '.join(POSITIONS)}")
     cfg = load(os.path.join(os.path.dirname(__file__), "quickstart.py"))
     cfg.base.model.position = position
+    cfg.sweep.eval_lengths = (1, 2, 4, 8)  # each run's loss past its training length (ledger: eval_loss_2x, ...)
     return cfg

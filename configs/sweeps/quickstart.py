@@ -38,6 +38,8 @@ def get_config(arg: str | None = None):
         "fit_device": "",
         "batch_multiple": 1,  # round batches to a multiple of this: data x fsdp on a multi-device host
         "fit_devices": 1,
+        # Each finished run's loss at these multiples of its training length (scalax eval; () for none):
+        "eval_lengths": (),
         # unused by isoflop sweeps, kept so that --config.sweep.kind can switch kinds:
         "sizes": 5, "n_min": 5e4, "n_max": 1e6, "tokens": 1e7, "ratios": (5.0, 10.0, 20.0),
     })

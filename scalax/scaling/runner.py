@@ -30,6 +30,7 @@ from tqdm.auto import tqdm
 from scalax import config as config_lib
 from scalax import io
 from scalax.errors import ConfigError
+from scalax.models import positions
 from scalax.parallel.devices import DEVICE_MEMORY
 from scalax.scaling import analysis
 from scalax.scaling import sweep as sweep_lib
@@ -135,6 +136,10 @@ def run_sweep(cfg: ConfigDict, workdir: str, parallel: int = 1, log=print,
             proc.send_signal(signal.SIGTERM)
         for proc, _, _ in active.values():
             proc.wait()
+    multiples = cfg.sweep.get("eval_lengths", ())
+    for name, record in list(ledger.records.items()):  # (runs finished by an earlier sweep command too)
+        if multiples and record["status"] == FINISHED and f"eval_loss_{multiples[-1]:g}x" not in record:
+            ledger.update(name, **evaluate_lengths(workdir, name, multiples, log))
     return fit_and_plot(workdir, cfg, log)
 
 
@@ -255,6 +260,26 @@ def log_tail(workdir: str, name: str):
         return [line for line in complete.splitlines() if line.startswith(("step ", "scalax train:", "resuming"))]
 
     return new_lines
+
+
+def evaluate_lengths(workdir: str, name: str, multiples, log=print) -> dict:
+    """A finished run's loss at `multiples` of its training length (`scalax eval` into DIR/runs/NAME/eval), as
+    ledger fields eval_loss_1x, eval_loss_2x, ... (None past what its positional scheme can encode)."""
+    run_dir = io.join(workdir, "runs", name)
+    run_cfg = config_lib.load(io.join(run_dir, "config.json"))
+    seq_len, model = run_cfg.train.seq_len, config_lib.model_config(run_cfg)
+    limit = positions.scheme_of(model).length_limit(model)
+    lengths = [int(k * seq_len) for k in multiples if limit is None or k * seq_len <= limit]
+    proc = subprocess.run([sys.executable, "-m", "scalax", "eval", f"--checkpoint={run_dir}",
+                           f"--lengths={','.join(map(str, lengths))}", f"--out={io.join(run_dir, 'eval')}"],
+                          capture_output=True, text=True)
+    if proc.returncode != 0:
+        lines = proc.stderr.strip().splitlines()
+        log(f"[{name}] scalax eval failed: {lines[-1] if lines else proc.returncode}")
+        return {"eval_lengths_error": lines[-1] if lines else f"exit status {proc.returncode}"}
+    losses = {r["length"]: r["loss"] for r in io.read_json(io.join(run_dir, "eval", "lengths.json"))["lengths"]}
+    log(f"[{name}] loss by length: " + ", ".join(f"{n}: {loss:.4f}" for n, loss in losses.items()))
+    return {f"eval_loss_{k:g}x": losses.get(int(k * seq_len)) for k in multiples}
 
 
 def run_result(workdir: str, name: str, returncode: int, seconds: float) -> dict:

@@ -8,7 +8,9 @@ import numpy as np
 import pytest
 
 from scalax import cli
+from scalax import config as config_lib
 from scalax.evaluate import lengths
+from scalax.scaling import runner
 from tests import reference
 from tests.conftest import init_params, small_config
 
@@ -52,7 +54,7 @@ def trained(tmp_path_factory):
 
     def run_of(position):
         if position not in runs:
-            run = tmp_path_factory.mktemp(position) / "run"
+            run = tmp_path_factory.mktemp(position) / "runs" / "r"  # as a sweep lays its runs out
             assert cli.main(["train", f"--config=configs/llama.py:size=tiny,position={position}", f"--workdir={run}",
                              "--config.train.steps=12", "--config.optim.warmup_steps=2",
                              "--config.train.eval_every=12", "--config.train.batch_size=8",
@@ -100,3 +102,16 @@ def test_eval_of_a_missing_checkpoint_is_one_line(capsys, tmp_path):
     rc = cli.main(["eval", f"--checkpoint={tmp_path / 'nothing'}"])
     err = capsys.readouterr().err
     assert rc == cli.EXIT_USER_ERROR and "nothing" in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_a_sweep_records_the_loss_at_multiples_of_the_training_length(trained):
+    """configs/sweeps/positional.py sets sweep.eval_lengths: each finished run gets eval_loss_1x, _2x, ...;
+    none past a learned table (256 positions: 16 x 32 is past it)."""
+    run = trained("learned")
+    logged = []
+    fields = runner.evaluate_lengths(str(run.parent.parent), "r", (1, 2, 16), log=logged.append)
+    summary = json.loads((run / "summary.json").read_text())
+    assert fields["eval_loss_1x"] == pytest.approx(summary["eval_loss"], abs=1e-5)
+    assert fields["eval_loss_2x"] > 0 and fields["eval_loss_16x"] is None
+    assert "loss by length: 32:" in logged[-1]
+    assert config_lib.load("configs/sweeps/positional.py:position=alibi").sweep.eval_lengths == (1, 2, 4, 8)

@@ -41,6 +41,16 @@ def binned(position: np.ndarray, loss: np.ndarray, per_octave: int = 4) -> tuple
     return np.asarray(centres), np.asarray(means)
 
 
+def _finish(ax, train_length: int, xlabel: str, ylabel: str, title: str) -> None:
+    """The training length marked, a log2 x axis, labels and legend."""
+    ax.axvline(train_length, color="gray", ls=":", label=f"training length {train_length}")
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.legend(fontsize=8)
+
+
 def plot_lengths(results: list[AtLength], train_length: int, title: str, directory: str) -> list[str]:
     """loss_vs_length.{png,svg} and loss_vs_position.{png,svg} in `directory`; their paths."""
     fig, ax = plt.subplots(figsize=(6.4, 4.4))
@@ -50,12 +60,7 @@ def plot_lengths(results: list[AtLength], train_length: int, title: str, directo
     strided = [(r.length, r.strided.loss) for r in results if r.strided]
     if strided:
         ax.plot(*zip(*strided, strict=True), marker="s", ls="--", label="sliding windows (new tokens only)")
-    ax.axvline(train_length, color="gray", ls=":", label=f"training length {train_length}")
-    ax.set_xscale("log", base=2)
-    ax.set_xlabel("evaluation length (tokens)")
-    ax.set_ylabel("validation loss (nats/token)")
-    ax.set_title(title)
-    ax.legend(fontsize=8)
+    _finish(ax, train_length, "evaluation length (tokens)", "validation loss (nats/token)", title)
     paths = _save(fig, io.join(directory, "loss_vs_length"))
     fig, ax = plt.subplots(figsize=(6.4, 4.4))
     for i, r in enumerate(results):
@@ -63,10 +68,6 @@ def plot_lengths(results: list[AtLength], train_length: int, title: str, directo
         ax.plot(position, r.per_position, lw=0.6, alpha=0.3, color=f"C{i}")
         ax.plot(*binned(position, np.asarray(r.per_position)), lw=1.8, marker=".", color=f"C{i}",
                 label=f"length {r.length}")
-    ax.axvline(train_length, color="gray", ls=":", label=f"training length {train_length}")
-    ax.set_xscale("log", base=2)
-    ax.set_xlabel("position in the window (tokens of context + 1)")
-    ax.set_ylabel("loss (nats/token), mean over windows (lines: binned)")
-    ax.set_title(title)
-    ax.legend(fontsize=8)
+    _finish(ax, train_length, "position in the window (tokens of context + 1)",
+            "loss (nats/token), mean over windows (lines: binned)", title)
     return paths + _save(fig, io.join(directory, "loss_vs_position"))

@@ -21,6 +21,7 @@ import numpy as np
 from scalax.data import pipeline
 from scalax.errors import ConfigError
 from scalax.models import Decoder, ModelConfig, positions
+from scalax.train import step
 
 
 @dataclasses.dataclass
@@ -59,13 +60,7 @@ def check_lengths(lengths: list[int], model: ModelConfig) -> None:
 def token_losses_fn(model: ModelConfig):
     """A compiled (params, windows [N, L + 1]) -> per-token losses [N, L] float32 (nats)."""
     decoder = Decoder(model)
-
-    def losses(params, windows_NxT1):
-        logits_NxTxV = decoder.apply({"params": params}, windows_NxT1[:, :-1]).astype(jnp.float32)
-        target_NxT = jnp.take_along_axis(logits_NxTxV, windows_NxT1[:, 1:, None], axis=-1)[..., 0]
-        return jax.nn.logsumexp(logits_NxTxV, axis=-1) - target_NxT
-
-    return jax.jit(losses)
+    return jax.jit(lambda params, windows_NxT1: step.token_losses(decoder, params, windows_NxT1)[0])
 
 
 def _losses(fn, params, windows: np.ndarray, batch: int) -> np.ndarray:

@@ -4,7 +4,6 @@ position within the window at each length. PNG and SVG."""
 from __future__ import annotations
 
 import itertools
-from io import BytesIO
 
 import matplotlib
 
@@ -12,20 +11,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
 
-from scalax import io
 from scalax.evaluate.lengths import AtLength
-
-
-def _save(fig, path_stem: str) -> list[str]:
-    fig.tight_layout()
-    paths = []
-    for ext in ("png", "svg"):
-        buffer = BytesIO()
-        fig.savefig(buffer, format=ext, dpi=120)
-        io.atomic_write_bytes(f"{path_stem}.{ext}", buffer.getvalue())
-        paths.append(f"{path_stem}.{ext}")
-    plt.close(fig)
-    return paths
+from scalax.scaling.plots import save_figure
 
 
 def binned(position: np.ndarray, loss: np.ndarray, per_octave: int = 4) -> tuple[np.ndarray, np.ndarray]:
@@ -61,7 +48,7 @@ def plot_lengths(results: list[AtLength], train_length: int, title: str, directo
     if strided:
         ax.plot(*zip(*strided, strict=True), marker="s", ls="--", label="sliding windows (new tokens only)")
     _finish(ax, train_length, "evaluation length (tokens)", "validation loss (nats/token)", title)
-    paths = _save(fig, io.join(directory, "loss_vs_length"))
+    paths = [save_figure(fig, directory, "loss_vs_length")]
     fig, ax = plt.subplots(figsize=(6.4, 4.4))
     for i, r in enumerate(results):
         position = np.arange(1, r.length + 1)
@@ -70,4 +57,5 @@ def plot_lengths(results: list[AtLength], train_length: int, title: str, directo
                 label=f"length {r.length}")
     _finish(ax, train_length, "position in the window (tokens of context + 1)",
             "loss (nats/token), mean over windows (lines: binned)", title)
-    return paths + _save(fig, io.join(directory, "loss_vs_position"))
+    paths.append(save_figure(fig, directory, "loss_vs_position"))
+    return [p for png in paths for p in (png, png[: -len("png")] + "svg")]

@@ -40,7 +40,8 @@ def _legend(ax) -> None:
         ax.legend(fontsize=8)
 
 
-def _save(fig, directory: str, name: str) -> str:
+def save_figure(fig, directory: str, name: str) -> str:
+    """DIRECTORY/NAME.png and .svg, written atomically; the PNG's path."""
     for ax in fig.axes:  # on log axes spanning less than a decade matplotlib labels minor ticks, and they collide
         for axis in (ax.xaxis, ax.yaxis):
             if axis.get_scale() == "log":
@@ -84,7 +85,7 @@ def isoflop(result: FitResult, runs: fit_lib.Runs, directory: str) -> str:
     ax.set_ylabel("eval loss (nats/token)")
     ax.set_title("IsoFLOP curves (approach 2): parabolas in log N, minima starred")
     _legend(ax)
-    return _save(fig, directory, "isoflop")
+    return save_figure(fig, directory, "isoflop")
 
 
 def _band(ax, flops, ci: Intervals | None, key: str, color: str) -> None:
@@ -126,7 +127,7 @@ def optimal_vs_compute(result: FitResult, runs: fit_lib.Runs, directory: str) ->
         ax.set_ylabel(label)
         _legend(ax)
     fig.suptitle("Compute-optimal allocation")
-    return _save(fig, directory, "optimal_vs_compute")
+    return save_figure(fig, directory, "optimal_vs_compute")
 
 
 def loss_vs_compute(result: FitResult, runs: fit_lib.Runs, directory: str) -> str:
@@ -144,7 +145,7 @@ def loss_vs_compute(result: FitResult, runs: fit_lib.Runs, directory: str) -> st
     ax.set_ylabel("eval loss (nats/token)")
     ax.set_title("Loss against compute")
     _legend(ax)
-    return _save(fig, directory, "loss_vs_compute")
+    return save_figure(fig, directory, "loss_vs_compute")
 
 
 def contours(result: FitResult, runs: fit_lib.Runs, directory: str) -> str:
@@ -167,7 +168,7 @@ def contours(result: FitResult, runs: fit_lib.Runs, directory: str) -> str:
     ax.set_ylabel("tokens D")
     ax.set_title(f"L(N, D) = {p.E:.2f} + {p.A:.3g}/N^{p.alpha:.3f} + {p.B:.3g}/D^{p.beta:.3f}")
     _legend(ax)
-    return _save(fig, directory, "law_contours")
+    return save_figure(fig, directory, "law_contours")
 
 
 def _to_tensorboard(paths: list[str], logdir: str) -> None:

@@ -166,6 +166,10 @@ def cmd_sweep(args: argparse.Namespace, overrides: list[str]) -> int:
             print(f"scalax sweep: {r['name']} {r.get('status')}: {r.get('error')}", file=sys.stderr)
         raise Incomplete(f"{len(unfinished)} of {len(runner.Ledger(args.workdir).records)} runs did not finish "
                          f"({', '.join(r['name'] for r in unfinished)}); run the same command again to retry them")
+    unevaluated = [r["name"] for r in runner.Ledger(args.workdir).records.values() if r.get("eval_lengths_error")]
+    if unevaluated:  # sweep.eval_lengths: their `scalax eval` failed (the error is in the ledger)
+        raise Incomplete(f"{len(unevaluated)} run(s) not evaluated at sweep.eval_lengths ({', '.join(unevaluated)});"
+                         " run the same command again to retry them")
     return 0
 
 
@@ -390,12 +394,12 @@ def cmd_eval(args: argparse.Namespace, overrides: list[str]) -> int:
     lengths_lib.check_lengths(lengths, model_cfg)
     if not 0 < args.stride <= 1:
         raise ConfigError("--stride", f"got {args.stride}; allowed: a fraction of the length in (0, 1]")
+    out = args.out or io.join(args.checkpoint, "eval")
+    io.make_output_dir(out, "--out")  # (before the work: an unwritable --out is told at once)
     data = corpora.load_splits(cfg.data, log=lambda m: print(m, file=sys.stderr))
     results = lengths_lib.evaluate_lengths(model_cfg, params, data.val, data.header["max_token_id"], lengths,
                                            args.windows or cfg.train.eval_windows, cfg.train.batch_size * train_length,
                                            args.stride, log=lambda m: print(m, file=sys.stderr))
-    out = args.out or io.join(args.checkpoint, "eval")
-    io.make_output_dir(out, "--out")
     title = f"{model_cfg.position}" + (f", rope_scaling {model_cfg.rope_scaling}" if model_cfg.rope_scaling != "none"
                                        else "") + f", trained at {train_length}"
     record = {"checkpoint": source, "position": model_cfg.position, "rope_scaling": model_cfg.rope_scaling,

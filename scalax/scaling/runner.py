@@ -279,7 +279,7 @@ def evaluate_lengths(workdir: str, name: str, multiples, log=print) -> dict:
         return {"eval_lengths_error": lines[-1] if lines else f"exit status {proc.returncode}"}
     losses = {r["length"]: r["loss"] for r in io.read_json(io.join(run_dir, "eval", "lengths.json"))["lengths"]}
     log(f"[{name}] loss by length: " + ", ".join(f"{n}: {loss:.4f}" for n, loss in losses.items()))
-    return {f"eval_loss_{k:g}x": losses.get(int(k * seq_len)) for k in multiples}
+    return {"eval_lengths_error": None, **{f"eval_loss_{k:g}x": losses.get(int(k * seq_len)) for k in multiples}}
 
 
 def run_result(workdir: str, name: str, returncode: int, seconds: float) -> dict:

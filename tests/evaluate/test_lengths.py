@@ -115,3 +115,15 @@ def test_a_sweep_records_the_loss_at_multiples_of_the_training_length(trained):
     assert fields["eval_loss_2x"] > 0 and fields["eval_loss_16x"] is None
     assert "loss by length: 32:" in logged[-1]
     assert config_lib.load("configs/sweeps/positional.py:position=alibi").sweep.eval_lengths == (1, 2, 4, 8)
+
+
+def test_a_run_that_cannot_be_evaluated_is_recorded_so(trained):
+    """Its ledger fields name the error (scalax sweep then exits 1, asking to run it again)."""
+    run = trained("alibi")
+    broken = run.parent / "broken"
+    broken.mkdir()
+    (broken / "config.json").write_text((run / "config.json").read_text())  # a config, no checkpoint
+    logged = []
+    fields = runner.evaluate_lengths(str(run.parent.parent), "broken", (1, 2), log=logged.append)
+    assert "no readable checkpoint" in fields["eval_lengths_error"] and "eval_loss_1x" not in fields
+    assert "scalax eval failed" in logged[-1]

@@ -21,42 +21,16 @@ import numpy as np
 
 from scalax import config as config_lib
 from scalax.data import corpora, pipeline
-from scalax.models import Decoder
 from scalax.scaling import flops
-from scalax.train import optim
+from scalax.train.bench import Bench
 from scalax.train.loop import MFU_CONVENTION
 from scalax.train.metrics import measure_matmul_flops
-from scalax.train.state import init_state
-from scalax.train.step import make_train_step
 
 
-def build(family: str, size: str, dtype: str):
-    cfg = config_lib.load(f"configs/{family}.py:size={size}")
-    cfg.model.dtype = dtype
-    model_cfg = config_lib.model_config(cfg)
-    model = Decoder(model_cfg)
-    steps = 1000
-    tx = optim.optimizer(cfg.optim, steps)
-    step = jax.jit(make_train_step(model, tx, optim.schedule(cfg.optim, steps)), donate_argnums=0)
-    state = jax.jit(lambda: init_state(model, tx, 0, cfg.train.seq_len))()
-    batch = jax.random.randint(jax.random.key(0), (cfg.train.batch_size, cfg.train.seq_len + 1), 0,
-                               model_cfg.vocab_size)
-    state, m = step(state, batch)  # compile
-    jax.block_until_ready(m)
-    tokens = cfg.train.batch_size * cfg.train.seq_len
-    return {"step": step, "state": state, "batch": batch, "tokens": tokens, "cfg": cfg,
-            "flops_per_token": flops.flops_per_token(model_cfg, cfg.train.seq_len, MFU_CONVENTION),
-            "params": flops.params_total(model_cfg)}
-
-
-def time_steps(v: dict, n: int) -> float:
-    t = time.perf_counter()
-    state = v["state"]
-    for _ in range(n):
-        state, m = v["step"](state, v["batch"])
-    jax.block_until_ready(m)
-    v["state"] = state
-    return n * v["tokens"] / (time.perf_counter() - t)
+def build(family: str, size: str, dtype: str) -> Bench:
+    """The real train step of a named size (`scalax bench`'s: its mesh, optimizer, donation, compiler options)."""
+    cfg = config_lib.load(f"configs/{family}.py:size={size}", [f"--config.model.dtype={dtype}"])
+    return Bench(f"{family}/{size}/{dtype}", cfg)
 
 
 def pipeline_batches_per_s(batch_size: int, seq_len: int, n: int = 300) -> float:
@@ -86,7 +60,7 @@ def main() -> None:
     results: dict = {k: [] for k in variants}
     for _ in range(args.rounds):
         for key, v in variants.items():  # alternate variants within each round
-            results[key].append(time_steps(v, args.steps))
+            results[key].append(v.time_steps(args.steps))
     peak = max(peak_before, measure_matmul_flops(jnp.float32))
     print(f"# {time.strftime('%Y-%m-%d')}, {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
           f"jax {jax.__version__}, device {jax.devices()[0].device_kind}; float32 matmul peak {peak / 1e9:.1f} GFLOP/s")
@@ -96,11 +70,12 @@ def main() -> None:
     for (f, s, d), rates in results.items():
         v = variants[(f, s, d)]
         med = statistics.median(rates)
-        mfu = med * v["flops_per_token"] / peak
-        t = v["cfg"].train
+        mfu = med * flops.flops_per_token(v.run.model, v.cfg.train.seq_len, MFU_CONVENTION) / peak
+        t = v.cfg.train
         consumed[(s, t.batch_size, t.seq_len)] = max(consumed.get((s, t.batch_size, t.seq_len), 0),
-                                                     med / v["tokens"])
-        print(f"| {f} | {s} | {v['params'] / 1e6:.2f}M | {d} | {t.batch_size} x {t.seq_len} | {med:,.0f} | "
+                                                     med / v.tokens)
+        print(f"| {f} | {s} | {flops.params_total(v.run.model) / 1e6:.2f}M | {d} | {t.batch_size} x {t.seq_len} | "
+              f"{med:,.0f} | "
               f"{min(rates):,.0f} .. {max(rates):,.0f} | {mfu:.1%} |")
     print("\n| pipeline batch x seq | batches/s | fastest training steps/s | ratio |")
     print("|---|---|---|---|")

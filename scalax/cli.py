@@ -154,7 +154,7 @@ def cmd_sweep(args: argparse.Namespace, overrides: list[str]) -> int:
     from scalax import config as config_lib
     from scalax.scaling import runner
 
-    if args.parallel <= 0:
+    if args.parallel is not None and args.parallel <= 0:
         raise ConfigError("--parallel", f"must be a positive integer, got {args.parallel}")
     cfg = config_lib.load(args.config, overrides)
     runner.check_sweep_config(cfg)
@@ -250,6 +250,21 @@ def cmd_plan(args: argparse.Namespace, overrides: list[str]) -> int:
     report["fits"] = memory_lib.verdict(report, memory)
     print(json.dumps(report, indent=2) if args.json else memory_lib.format_report(report, memory, description))
     return 0 if report["fits"] != "does not fit" else 1
+
+
+def cmd_bench(args: argparse.Namespace, overrides: list[str]) -> int:
+    """Throughput, MFU, compile time and memory of each config's real train step (scalax/train/bench.py)."""
+    from scalax import config as config_lib
+    from scalax.train import bench as bench_lib
+
+    for key, value in (("--steps", args.steps), ("--rounds", args.rounds)):
+        if value <= 0:
+            raise ConfigError(key, f"must be a positive integer, got {value}")
+    configs = {spec: config_lib.load(spec, overrides) for spec in args.config}
+    log = (lambda msg: print(msg, file=sys.stderr)) if args.json else print
+    results = bench_lib.bench(configs, args.steps, args.rounds, log)
+    print(json.dumps(results, indent=2) if args.json else bench_lib.format_table(results))
+    return 0
 
 
 def cmd_launch(args: argparse.Namespace, overrides: list[str]) -> int:
@@ -464,7 +479,9 @@ def build_parser() -> argparse.ArgumentParser:
                            "Exit status 1 when a run failed (the others still train, and the fit uses them).", **kw)
     sweep.add_argument("--config", required=True, help="a sweep config, e.g. configs/sweeps/quickstart.py")
     sweep.add_argument("--workdir", required=True, help="the sweep's directory; resumes if it holds the same sweep")
-    sweep.add_argument("--parallel", type=int, default=1, help="runs trained at once")
+    sweep.add_argument("--parallel", type=int, default=None,
+                       help="runs trained at once, each pinned to its share of the CPUs (default: sweep.parallel, "
+                            "else 1)")
     sweep.add_argument("--force", action="store_true",
                        help="the workdir holds a sweep with another grid: move the runs that changed to "
                             "DIR/replaced/ and train the new grid")
@@ -499,6 +516,15 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--device-memory", help="memory per device instead, e.g. 16GiB")
     plan.add_argument("--json", action="store_true", help="print one JSON object")
     plan.set_defaults(func=cmd_plan)
+
+    bench = sub.add_parser("bench", help="tokens/s, MFU, compile time and memory of configs' train steps",
+                           description=overrides + " The overrides apply to every --config.", **kw)
+    bench.add_argument("--config", required=True, action="append",
+                       help="config file and argument, e.g. configs/llama.py:size=tiny (repeat for several)")
+    bench.add_argument("--steps", type=int, default=10, help="steps per timed round")
+    bench.add_argument("--rounds", type=int, default=3, help="rounds, alternating between the configs")
+    bench.add_argument("--json", action="store_true", help="print a JSON list, one object per config")
+    bench.set_defaults(func=cmd_bench)
 
     convert = sub.add_parser("convert", help="Hugging Face directory <-> scalax checkpoint", **kw)
     convert.add_argument("--from-hf", help="a Hugging Face model directory (GPT2LMHeadModel, LlamaForCausalLM)")

@@ -32,6 +32,8 @@ def get_config(arg: str | None = None):
         "params": "non_embedding",  # N for the fits: non_embedding | total
         "flops": "6n",  # C for budgets and fits
         "seed": 0,
+        # Runs trained at once, each pinned to its share of the CPUs (--parallel overrides): one per core here.
+        "parallel": 2,
         "bootstrap": 200,  # resamples for the fits' confidence intervals
         # Skip runs whose train step would not fit a device (v4, v5e, v5p, v6e, h100, h200 or a size such as
         # 16GiB; "" checks nothing), planned for a slice of fit_devices devices (scalax plan):

@@ -229,3 +229,22 @@ def test_csv_round_trip(tmp_path):
     back = fit.read_csv(str(path))
     np.testing.assert_array_equal(back.params, runs.params)
     np.testing.assert_allclose(back.flops, runs.flops, rtol=1e-12)
+
+
+def test_batched_bootstrap_fits_equal_one_at_a_time_fits():
+    """The bootstrap's approach 3 (all resamples in one batched L-BFGS, resamples as weights) against scipy's
+    L-BFGS-B on each resample's own rows, from the same start."""
+    runs = isoflop_grid()
+    noisy = fit.Runs.of(runs.params, runs.tokens,
+                        runs.loss * np.exp(0.01 * np.random.default_rng(3).standard_normal(len(runs))), runs.flops)
+    _, theta = fit.fit_approach3(noisy, fit.grid_starts()[::45])
+    rng = np.random.default_rng(0)
+    indices = [rng.integers(0, len(noisy), len(noisy)) for _ in range(12)]
+    batched = fit._bootstrap_approach3(noisy, theta, indices)
+    for idx, law in zip(indices, batched, strict=True):
+        alone, _ = fit.fit_approach3(noisy.take(idx), theta)
+        assert law.objective <= alone.objective * (1 + 2e-5)
+        for k in ("E", "alpha", "beta"):
+            assert getattr(law, k) == pytest.approx(getattr(alone, k), rel=2e-3), k
+        for k in ("A", "B"):
+            assert getattr(law, k) == pytest.approx(getattr(alone, k), rel=2e-2), k

@@ -232,3 +232,58 @@ def test_runs_that_would_not_fit_are_skipped(tmp_path):
     assert all("per device; 1.0 MiB per device" in r["error"] for r in records)
     assert not any(os.path.exists(workdir / "runs" / r["name"] / "metrics.jsonl") for r in records)
     assert "not fitting" in proc.stdout
+
+
+def test_parallel_children_get_equal_disjoint_cpu_sets(monkeypatch):
+    from scalax.scaling import runner
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2, 3, 4, 5, 6})
+    sets = runner.cpu_sets(3)
+    assert sets == [{0, 1}, {2, 3}, {4, 5}]
+    assert runner.cpu_sets(1) == [None] and runner.cpu_sets(8) == [None] * 8  # one run, or too few CPUs
+
+
+@pytest.mark.skipif(not hasattr(os, "sched_setaffinity") or len(os.sched_getaffinity(0)) < 2,
+                    reason="needs CPU affinity and two CPUs")
+def test_a_child_runs_on_its_cpu_set_only():
+    """The preexec function that `scalax sweep --parallel K` starts each run with, on a real child process."""
+    from scalax.scaling import runner
+
+    cpu = max(os.sched_getaffinity(0))
+    show = [sys.executable, "-c", "import os; print(sorted(os.sched_getaffinity(0)))"]
+    pinned = subprocess.run(show, preexec_fn=runner.child_setup({cpu}), capture_output=True, text=True, check=True)
+    free = subprocess.run(show, preexec_fn=runner.child_setup(None), capture_output=True, text=True, check=True)
+    assert json.loads(pinned.stdout) == [cpu]
+    assert json.loads(free.stdout) == sorted(os.sched_getaffinity(0))
+
+
+def test_parallel_sweeps_start_the_most_expensive_runs_first(tmp_path, monkeypatch):
+    """With sweep.parallel 2 the runs start in decreasing exact FLOPs (one at a time: planned order); each start
+    gets a free slot's CPUs."""
+    from scalax.scaling import runner
+
+    started = []
+
+    class Done:
+        returncode = 0
+
+        def poll(self):
+            return 0
+
+    def fake_start(cfg, run, workdir, cpus=None):
+        started.append((run, cpus))
+        return Done(), time.time()
+
+    monkeypatch.setattr(runner, "_start", fake_start)
+    monkeypatch.setattr(runner, "run_result", lambda *a: {"status": "failed", "error": "fake"})
+    monkeypatch.setattr(runner, "fit_and_plot", lambda *a: None)
+    monkeypatch.setattr(runner, "cpu_sets", lambda k: [{i} for i in range(k)])
+    cfg = quickstart()
+    for parallel in (2, 1):
+        started.clear()
+        runner.run_sweep(cfg, str(tmp_path / f"p{parallel}"), parallel, log=lambda m: None)
+        costs = [r.flops["flops_exact"] for r, _ in started]
+        planned = [r.flops["flops_exact"] for r in sweep_lib.plan(cfg)]
+        assert costs == (sorted(planned, reverse=True) if parallel == 2 else planned)
+        assert {frozenset(c) for _, c in started} == ({frozenset({0}), frozenset({1})} if parallel == 2 else
+                                                      {frozenset({0})})

@@ -131,3 +131,23 @@ def test_cpu_peak_is_measured_once_per_machine_and_dtype(tmp_path, monkeypatch):
     table = json.load(open(tmp_path / "peak_flops.json"))
     assert sorted(v["flops"] for v in table.values()) == [1e11, 2e11]
     assert all(jax.__version__ in key and ("float32" in key or "bfloat16" in key) for key in table)
+
+
+def test_cpu_steps_compile_without_ynn_fusions_and_train_the_same():
+    """program.step_compiler_options: on this CPU the steps are compiled without XLA's YNNPACK fusions (the
+    option took effect), and three steps give the same parameters as the default compile to float rounding."""
+    from scalax.train.program import step_compiler_options
+
+    options = step_compiler_options()
+    if options is None:
+        pytest.skip(f"no such option in this XLA ({jax.__version__}) or not a CPU")
+    cfg, _, step, state = setup()
+    tuned = jax.jit(step.__wrapped__, compiler_options=options)
+    batch = random_tokens(cfg, 4, 9)
+    assert "__ynn_fusion" not in tuned.lower(state, batch).compile().as_text()
+    a, b = state, state
+    for _ in range(3):
+        a, _ = step(a, batch)
+        b, _ = tuned(b, batch)
+    for x, y in zip(jax.tree.leaves(a.params), jax.tree.leaves(b.params), strict=True):
+        np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-5, atol=1e-6)

@@ -1,0 +1,94 @@
+"""`scalax bench`: the real train step of each config (its mesh, optimizer, donation, compiler options), timed on
+random tokens: tokens/s, achieved FLOP/s, MFU, compile time and peak memory per device.
+
+The configs are compiled first, then timed in `rounds` rounds of `steps` steps that alternate between them, and
+the median round is reported (a machine's speed drifts between minutes; alternating spreads the drift over every
+config). FLOPs count the `6n_head_attn` convention, as MFU does in training logs; the peak is the data sheet's
+on TPU and GPU, and on CPU a matmul measured once per machine (train/metrics.py), named in the output.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+
+import jax
+import numpy as np
+from ml_collections import ConfigDict
+
+from scalax.scaling import flops
+from scalax.train.loop import MFU_CONVENTION
+from scalax.train.metrics import peak_flops_per_device
+from scalax.train.setup import setup_run
+
+
+class Bench:
+    """One config's compiled step, state and batch, and its timed rounds."""
+
+    def __init__(self, name: str, cfg: ConfigDict):
+        self.name, self.cfg = name, cfg
+        run = setup_run(cfg)
+        prog, train_cfg = run.program, cfg.train
+        self.run, self.tokens = run, train_cfg.batch_size * train_cfg.seq_len
+        start = time.perf_counter()
+        self.step = prog.train_step.lower(prog.abstract_state, prog.batch_shape(train_cfg.batch_size,
+                                                                                 train_cfg.seq_len)).compile()
+        self.compile_seconds = time.perf_counter() - start
+        ma = self.step.memory_analysis()
+        self.peak_bytes = (ma.argument_size_in_bytes + ma.output_size_in_bytes - ma.alias_size_in_bytes
+                           + ma.temp_size_in_bytes) if ma is not None else None
+        tokens = np.random.default_rng(0).integers(0, run.model.vocab_size,
+                                                   (train_cfg.batch_size, train_cfg.seq_len + 1), dtype=np.int32)
+        self.batch = jax.device_put(tokens, run.layout.batch_sharding)
+        self.state = prog.init()
+        self.time_steps(1)  # the first call allocates and warms caches
+        self.rates: list[float] = []
+
+    def time_steps(self, steps: int) -> float:
+        """Tokens/s over `steps` steps (the last one waited for)."""
+        start, state = time.perf_counter(), self.state
+        for _ in range(steps):
+            state, metrics = self.step(state, self.batch)
+        jax.block_until_ready(metrics)
+        self.state = state
+        return steps * self.tokens / (time.perf_counter() - start)
+
+    def result(self) -> dict:
+        model, devices = self.run.model, self.run.layout.mesh.size
+        tokens_per_s = statistics.median(self.rates)
+        per_token = flops.flops_per_token(model, self.cfg.train.seq_len, MFU_CONVENTION)
+        peak, source = peak_flops_per_device(model.dtype)
+        return {"name": self.name, "params": flops.params_total(model), "dtype": model.dtype,
+                "batch_size": self.cfg.train.batch_size, "seq_len": self.cfg.train.seq_len,
+                "devices": devices, "tokens_per_s": tokens_per_s, "tokens_per_s_rounds": self.rates,
+                "flops_per_token": per_token, "flops_per_s": tokens_per_s * per_token,
+                "mfu": tokens_per_s * per_token / (peak * devices), "peak_flops_per_device": peak,
+                "peak_source": source, "compile_seconds": self.compile_seconds,
+                "peak_bytes_per_device": self.peak_bytes}
+
+
+def bench(configs: dict[str, ConfigDict], steps: int = 10, rounds: int = 3, log=print) -> list[dict]:
+    """Each named config's throughput, MFU, compile time and memory (see the module docstring)."""
+    benches = []
+    for name, cfg in configs.items():
+        log(f"compiling {name}")
+        benches.append(Bench(name, cfg))
+    for r in range(rounds):
+        for b in benches:
+            b.rates.append(b.time_steps(steps))
+        log(f"round {r + 1}/{rounds}: " + ", ".join(f"{b.name} {b.rates[-1]:,.0f} tokens/s" for b in benches))
+    return [b.result() for b in benches]
+
+
+def format_table(results: list[dict]) -> str:
+    rows = ["| config | params | dtype | batch x seq | tokens/s (median) | min .. max | TFLOP/s | MFU | compile s "
+            "| peak MiB/device |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in results:
+        memory = f"{r['peak_bytes_per_device'] / 2**20:,.1f}" if r["peak_bytes_per_device"] is not None else "?"
+        rows.append(f"| {r['name']} | {r['params'] / 1e6:.2f}M | {r['dtype']} | {r['batch_size']} x {r['seq_len']} "
+                    f"| {r['tokens_per_s']:,.0f} | {min(r['tokens_per_s_rounds']):,.0f} .. "
+                    f"{max(r['tokens_per_s_rounds']):,.0f} | {r['flops_per_s'] / 1e12:.3f} | {r['mfu']:.1%} | "
+                    f"{r['compile_seconds']:.1f} | {memory} |")
+    for peak, source in dict.fromkeys((r["peak_flops_per_device"], r["peak_source"]) for r in results):
+        rows.append(f"MFU against {peak / 1e12:.3f} TFLOP/s per device ({source})")
+    return "\n".join(rows)

@@ -155,14 +155,35 @@ def _lbfgs(theta0: np.ndarray, data) -> tuple[np.ndarray, float]:
     return res.x, float(res.fun)
 
 
+def _backtrack(objective, x_Sx5, f_S, g_Sx5, d_Sx5, slope_S, rows, halvings: int = 30):
+    """Armijo backtracking along d from x for S problems at once (rows: their rows of the weights): the new
+    (x, f, g) where a step was found, else the old, and which moved."""
+    step = np.ones(len(x_Sx5))
+    x_new, f_new, g_new = x_Sx5.copy(), f_S.copy(), g_Sx5.copy()
+    pending = np.ones(len(x_Sx5), bool)
+    for _ in range(halvings):
+        p_idx = np.flatnonzero(pending)
+        if not len(p_idx):
+            break
+        trial = x_Sx5[p_idx] + step[p_idx, None] * d_Sx5[p_idx]
+        ft, gt = objective(trial, rows[p_idx])
+        ok = np.isfinite(ft) & (ft <= f_S[p_idx] + 1e-4 * step[p_idx] * slope_S[p_idx])
+        x_new[p_idx[ok]], f_new[p_idx[ok]], g_new[p_idx[ok]] = trial[ok], ft[ok], gt[ok]
+        pending[p_idx[ok]] = False
+        step[p_idx[~ok]] *= 0.5
+    return x_new, f_new, g_new, ~pending
+
+
 def _batched_lbfgs(theta_Sx5: np.ndarray, data, iterations: int = 200, memory: int = 8,
                    gtol: float = 1e-7, ftol: float = 1e-11,
                    weights_SxR: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """L-BFGS (two-loop recursion, backtracking Armijo line search) on S independent problems at once, in
     numpy: each iteration evaluates all still-active starts in one vectorised call. The problems share `data`,
     weighted per problem by `weights_SxR` when given."""
+
     def objective(theta, rows):
         return _objective(theta, *data, None if weights_SxR is None else weights_SxR[rows])
+
     x = theta_Sx5.astype(np.float64).copy()
     f, g = objective(x, slice(None))
     S = len(x)
@@ -190,20 +211,7 @@ def _batched_lbfgs(theta_Sx5: np.ndarray, data, iterations: int = 200, memory: i
         slope = np.einsum("sj,sj->s", d, g[idx])
         bad = ~(slope < 0)
         d[bad], slope[bad] = -g[idx][bad], -np.einsum("sj,sj->s", g[idx][bad], g[idx][bad])
-        step = np.ones(len(idx))
-        x_new, f_new, g_new = x[idx].copy(), f[idx].copy(), g[idx].copy()
-        pending = np.ones(len(idx), bool)
-        for _ in range(30):
-            p_idx = np.flatnonzero(pending)
-            if not len(p_idx):
-                break
-            trial = x[idx[p_idx]] + step[p_idx, None] * d[p_idx]
-            ft, gt = objective(trial, idx[p_idx])
-            ok = np.isfinite(ft) & (ft <= f[idx[p_idx]] + 1e-4 * step[p_idx] * slope[p_idx])
-            x_new[p_idx[ok]], f_new[p_idx[ok]], g_new[p_idx[ok]] = trial[ok], ft[ok], gt[ok]
-            pending[p_idx[ok]] = False
-            step[p_idx[~ok]] *= 0.5
-        moved = ~pending
+        x_new, f_new, g_new, moved = _backtrack(objective, x[idx], f[idx], g[idx], d, slope, idx)
         sv, yv = x_new - x[idx], g_new - g[idx]
         sy = np.einsum("sj,sj->s", sv, yv)
         slot = it % memory

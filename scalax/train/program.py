@@ -34,7 +34,7 @@ def init_compiler_options() -> dict[str, Any] | None:
 def step_compiler_options() -> dict[str, Any] | None:
     """XLA options for the train and eval steps. On CPU, XLA's YNNPACK fusions off (jax 0.10 turns them on): at
     quickstart shapes a softmax-gradient reduction took 2.2 ms of a 14 ms step inside one, and without them the
-    step ran 1.1-1.3x faster for models of d_model 16-64, about the same at 128 (docs/benchmarks.md). The same
+    step ran 1.06-1.37x faster for models of d_model 16-128 (benchmarks/cpu_step_options.py). The same
     numerics up to float rounding order. Where this XLA has no such option, and elsewhere, the defaults."""
     if jax.default_backend() != "cpu":
         return None

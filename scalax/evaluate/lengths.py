@@ -22,6 +22,7 @@ from scalax.data import pipeline
 from scalax.errors import ConfigError
 from scalax.models import Decoder, ModelConfig, positions
 from scalax.train import step
+from scalax.train.program import step_compiler_options
 
 
 @dataclasses.dataclass
@@ -58,9 +59,11 @@ def check_lengths(lengths: list[int], model: ModelConfig) -> None:
 
 
 def token_losses_fn(model: ModelConfig):
-    """A compiled (params, windows [N, L + 1]) -> per-token losses [N, L] float32 (nats)."""
+    """A compiled (params, windows [N, L + 1]) -> per-token losses [N, L] float32 (nats), with the training
+    steps' compiler options (so that at the training length it gives the run's own eval loss)."""
     decoder = Decoder(model)
-    return jax.jit(lambda params, windows_NxT1: step.token_losses(decoder, params, windows_NxT1)[0])
+    return jax.jit(lambda params, windows_NxT1: step.token_losses(decoder, params, windows_NxT1)[0],
+                   compiler_options=step_compiler_options())
 
 
 def _losses(fn, params, windows: np.ndarray, batch: int) -> np.ndarray:

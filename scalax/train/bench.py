@@ -17,6 +17,7 @@ import numpy as np
 from ml_collections import ConfigDict
 
 from scalax.scaling import flops
+from scalax.train import memory
 from scalax.train.loop import MFU_CONVENTION
 from scalax.train.metrics import peak_flops_per_device
 from scalax.train.setup import setup_run
@@ -35,8 +36,7 @@ class Bench:
                                                                                  train_cfg.seq_len)).compile()
         self.compile_seconds = time.perf_counter() - start
         ma = self.step.memory_analysis()
-        self.peak_bytes = (ma.argument_size_in_bytes + ma.output_size_in_bytes - ma.alias_size_in_bytes
-                           + ma.temp_size_in_bytes) if ma is not None else None
+        self.peak_bytes = memory.peak_bytes(ma) if ma is not None else None
         tokens = np.random.default_rng(0).integers(0, run.model.vocab_size,
                                                    (train_cfg.batch_size, train_cfg.seq_len + 1), dtype=np.int32)
         self.batch = jax.device_put(tokens, run.layout.batch_sharding)

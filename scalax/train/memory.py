@@ -18,6 +18,11 @@ from scalax.parallel.devices import DEVICE_MEMORY, GIB, human
 from scalax.train.setup import setup_run
 
 
+def peak_bytes(ma) -> int:
+    """A compiled step's peak per device from its memory_analysis(): arguments + outputs - aliased + temporaries."""
+    return int(ma.argument_size_in_bytes + ma.output_size_in_bytes - ma.alias_size_in_bytes + ma.temp_size_in_bytes)
+
+
 def memory_plan(cfg, n_devices: int) -> dict:
     """Per-device memory (bytes) of one train step of `cfg` on its mesh over `n_devices` devices."""
     if jax.device_count() < n_devices:
@@ -40,7 +45,7 @@ def memory_plan(cfg, n_devices: int) -> dict:
         "aliased": int(ma.alias_size_in_bytes),
         "temporaries": int(ma.temp_size_in_bytes),
     }
-    out["peak_per_device"] = out["arguments"] + out["outputs"] - out["aliased"] + out["temporaries"]
+    out["peak_per_device"] = peak_bytes(ma)
     return out
 
 

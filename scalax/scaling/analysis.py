@@ -22,11 +22,24 @@ import numpy as np
 
 from scalax.errors import ConfigError
 from scalax.io import atomic_write_text
+from scalax.scaling import data_constrained
 from scalax.scaling import fit as fit_lib
-from scalax.scaling.results import Approach1, Approach2, Approach3, Checked, Conventions, FitResult, Kaplan, PowerLaw
+from scalax.scaling.results import (
+    Approach1,
+    Approach2,
+    Approach3,
+    Checked,
+    Conventions,
+    DataConstrainedLaw,
+    FitResult,
+    Kaplan,
+    PowerLaw,
+)
 
 APPROACH_NAMES = {"approach1": "approach 1 (envelope)", "approach2": "approach 2 (IsoFLOP parabolas)",
-                  "approach3": "approach 3 (parametric law)", "kaplan": "Kaplan power laws"}
+                  "approach3": "approach 3 (parametric law)", "kaplan": "Kaplan power laws",
+                  "data_constrained": "data-constrained law (Muennighoff et al.)"}
+APPROACHES = (*fit_lib.APPROACHES, "data_constrained")  # `all` is 1, 2, 3 and Kaplan: they assume unique tokens
 EXPONENT_RANGE = (0.0, 1.0)  # N_opt ∝ C^a, D_opt ∝ C^b: both grow with compute, a + b = 1 under C = 6 N D
 LAW_EXPONENT_RANGE = (0.0, 2.0)  # alpha, beta of L(N, D): Hoffmann et al.'s starting grid spans [0, 2]
 FRONTIER_GAP = 0.03  # the law's best loss at a budget may sit at most 3% below the best run there
@@ -55,10 +68,13 @@ def finished_names(records: Sequence[dict]) -> list[str]:
 
 
 def write_csv(path: str, runs: fit_lib.Runs, names: Sequence[str]) -> None:
-    """The points a fit used, one per line, exactly (repr floats): `scalax fit --csv` of it gives the same fit."""
-    lines = [",".join(CSV_COLUMNS)]
-    lines += [f"{name},{float(n)!r},{float(d)!r},{float(loss)!r},{float(c)!r}" for name, n, d, loss, c in
-              zip(names, runs.params, runs.tokens, runs.loss, runs.flops, strict=True)]
+    """The points a fit used, one per line, exactly (repr floats): `scalax fit --csv` of it gives the same fit
+    (with a column unique_tokens when the runs carry theirs)."""
+    columns = [runs.params, runs.tokens, runs.loss, runs.flops]
+    if runs.unique_tokens is not None:
+        columns.append(runs.unique_tokens)
+    lines = [",".join(CSV_COLUMNS + ("unique_tokens",) * (runs.unique_tokens is not None))]
+    lines += [",".join([name] + [repr(float(x)) for x in row]) for name, *row in zip(names, *columns, strict=True)]
     atomic_write_text(path, "\n".join(lines) + "\n")
 
 
@@ -66,6 +82,8 @@ def analyse(runs: fit_lib.Runs, approach: str = "all", bootstrap: int = 0, level
             conventions_used: Conventions | None = None, drop_highest: int = 0) -> FitResult:
     """Fit every requested approach (with bootstrap intervals), predict the largest budget from the others,
     and check each approach; what `fit.json` holds."""
+    if approach not in APPROACHES:
+        raise ConfigError("--approach", f"unknown approach {approach!r}; allowed: {', '.join(APPROACHES)}")
     if bootstrap < 0:
         raise ConfigError("--bootstrap", f"must be >= 0 (0: no intervals), got {bootstrap}")
     if not 0 < level < 1:
@@ -77,7 +95,10 @@ def analyse(runs: fit_lib.Runs, approach: str = "all", bootstrap: int = 0, level
     if len(np.unique(runs.params)) < 2:
         raise ConfigError("runs", f"all {len(runs)} runs have the same size N = {runs.params[0]:.6g}; a scaling law "
                           "needs runs of at least two sizes")
-    result = fit_lib.fit(runs, approach, bootstrap=bootstrap, level=level, seed=seed)
+    if approach == "data_constrained":
+        result = data_constrained.fit(runs, bootstrap=bootstrap, level=level, seed=seed)
+    else:
+        result = fit_lib.fit(runs, approach, bootstrap=bootstrap, level=level, seed=seed)
     if approach == "all":
         result.prediction = fit_lib.predict_largest_budget(runs)
     result.conventions = conventions_used or Conventions()
@@ -92,7 +113,7 @@ def check(result: FitResult, runs: fit_lib.Runs) -> None:
     with the approach, in `result.warnings`."""
     groups = fit_lib.budgets(runs)
     checkers = {"approach1": _check_approach1, "approach2": _check_approach2, "approach3": _check_approach3,
-                "kaplan": _check_kaplan}
+                "kaplan": _check_kaplan, "data_constrained": _check_data_constrained}
     everything = []
     for name, approach in result.approaches().items():
         approach.warnings = checkers[name](approach, runs, groups) + _check_intervals(approach)
@@ -148,7 +169,42 @@ def _check_approach2(a2: Approach2, runs: fit_lib.Runs, groups: list[np.ndarray]
     return out
 
 
+def _repeats(runs: fit_lib.Runs) -> list[str]:
+    """A warning when runs saw their tokens more than once (a law of unique tokens then reads them wrongly)."""
+    if runs.unique_tokens is None:
+        return []
+    epochs = runs.tokens / runs.unique_tokens
+    repeated = int(np.sum(epochs > data_constrained.ONE_EPOCH))
+    if not repeated:
+        return []
+    return [f"{repeated} of {len(runs)} runs repeat their data (up to {epochs.max():.3g} epochs): this law assumes "
+            "each token seen once; fit them with --approach data_constrained"]
+
+
+def _check_data_constrained(p: DataConstrainedLaw, runs: fit_lib.Runs, groups: list[np.ndarray]) -> list[str]:
+    out = []
+    lo, hi = LAW_EXPONENT_RANGE
+    for key in ("alpha", "beta"):
+        if not lo < getattr(p, key) < hi:
+            out.append(f"{key} = {getattr(p, key):.4g}: outside ({lo:g}, {hi:g}); the fit ran off")
+    if p.R_D_star is None:
+        out.append("no run repeats its data: R_D* (the decay of repeated tokens) is not determined")
+    if p.R_N_star is None:
+        out.append("no run is larger than U_N, the size compute-optimal for its unique tokens: R_N* (the decay of "
+                   "excess parameters) is not determined")
+    bounds = [math.exp(b) for b in data_constrained.LOG_R_BOUNDS]
+    for key in ("R_D_star", "R_N_star"):
+        value = getattr(p, key)
+        if value is not None and not bounds[0] * 1.01 < value < bounds[1] / 1.01:
+            out.append(f"{key} = {value:.4g} sits at the bound of its search [{bounds[0]:g}, {bounds[1]:g}]")
+    return out
+
+
 def _check_approach3(p: Approach3, runs: fit_lib.Runs, groups: list[np.ndarray]) -> list[str]:
+    return _repeats(runs) + _check_law(p, runs, groups)
+
+
+def _check_law(p: Approach3, runs: fit_lib.Runs, groups: list[np.ndarray]) -> list[str]:
     out = []
     lo, hi = LAW_EXPONENT_RANGE
     for key in ("alpha", "beta"):

@@ -70,28 +70,32 @@ APPROACHES = ("1", "2", "3", "all")
 
 @dataclasses.dataclass(frozen=True)
 class Runs:
-    """Arrays of equal length: params N, tokens D, loss L, flops C."""
+    """Arrays of equal length: params N, tokens D, loss L, flops C, and (when known) the unique training tokens
+    U_D each run drew its D from (D / U_D epochs)."""
 
     params: np.ndarray
     tokens: np.ndarray
     loss: np.ndarray
     flops: np.ndarray
+    unique_tokens: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.loss)
 
     def take(self, idx) -> Runs:
-        return Runs(self.params[idx], self.tokens[idx], self.loss[idx], self.flops[idx])
+        return Runs(self.params[idx], self.tokens[idx], self.loss[idx], self.flops[idx],
+                    None if self.unique_tokens is None else self.unique_tokens[idx])
 
     @classmethod
-    def of(cls, params, tokens, loss, flops=None) -> Runs:
+    def of(cls, params, tokens, loss, flops=None, unique_tokens=None) -> Runs:
         params, tokens, loss = (np.asarray(x, np.float64) for x in (params, tokens, loss))
         flops = 6 * params * tokens if flops is None else np.asarray(flops, np.float64)
-        return cls(params, tokens, loss, flops)
+        return cls(params, tokens, loss, flops, None if unique_tokens is None else np.asarray(unique_tokens,
+                                                                                               np.float64))
 
 
 def read_csv(path: str) -> Runs:
-    """Runs from a CSV with columns params, tokens, loss (and optionally flops)."""
+    """Runs from a CSV with columns params, tokens, loss (and optionally flops, unique_tokens)."""
     io.check_input(path, "--csv")
     if not io.isfile(path):
         raise ConfigError("--csv", f"no such file: {path}")
@@ -100,8 +104,8 @@ def read_csv(path: str) -> Runs:
     missing = [c for c in ("params", "tokens", "loss") if c not in columns]
     if missing:
         raise ConfigError("--csv", f"{path} lacks the column(s) {', '.join(missing)}; needed: params, tokens, loss "
-                          "(optional: flops)")
-    names = ["params", "tokens", "loss"] + (["flops"] if "flops" in columns else [])
+                          "(optional: flops, unique_tokens)")
+    names = ["params", "tokens", "loss"] + [c for c in ("flops", "unique_tokens") if c in columns]
     values = {n: [] for n in names}
     for line_no, row in enumerate(rows, 2):
         for n in names:
@@ -112,7 +116,8 @@ def read_csv(path: str) -> Runs:
             if not (math.isfinite(v) and v > 0):
                 raise ConfigError("--csv", f"{path}:{line_no}: {n} = {row[n]!r} must be a positive number")
             values[n].append(v)
-    return Runs.of(values["params"], values["tokens"], values["loss"], values.get("flops"))
+    return Runs.of(values["params"], values["tokens"], values["loss"], values.get("flops"),
+                   values.get("unique_tokens"))
 
 
 def drop_outliers(runs: Runs, drop_highest: int = 0) -> Runs:
@@ -474,7 +479,9 @@ def predict_largest_budget(runs: Runs, starts: np.ndarray | None = None) -> Pred
 
 
 def runs_from_records(records: Sequence[dict], params_key: str, flops_key: str) -> Runs:
-    """Runs from sweep ledger records that finished with a finite eval loss."""
+    """Runs from sweep ledger records that finished with a finite eval loss (with their unique training tokens
+    when every one has them)."""
     ok = [r for r in records if r.get("status") == "finished" and math.isfinite(r.get("eval_loss", math.nan))]
+    unique = [r.get("unique_train_tokens") for r in ok]
     return Runs.of([r[params_key] for r in ok], [r["tokens"] for r in ok], [r["eval_loss"] for r in ok],
-                   [r[flops_key] for r in ok])
+                   [r[flops_key] for r in ok], unique if ok and None not in unique else None)

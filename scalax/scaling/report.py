@@ -6,7 +6,7 @@ import math
 import os
 
 from scalax.scaling.analysis import APPROACH_NAMES, MIN_PARABOLA_POINTS
-from scalax.scaling.results import Approach1, Approach2, Checked, FitResult, NoPrediction, PowerLaw
+from scalax.scaling.results import Approach1, Approach2, Checked, DataConstrainedLaw, FitResult, NoPrediction, PowerLaw
 
 
 def _fmt(x) -> str:
@@ -72,6 +72,8 @@ def summary(result: FitResult) -> str:
             parts.append(f"L(C) = (C_c/C)^alpha_C: alpha_C {_fmt(k.L_C.alpha_C)}, C_c {_fmt(k.L_C.C_c)} "
                          f"({_r2(k.L_C)})")
         lines.append(f"{APPROACH_NAMES['kaplan']}: {'; '.join(parts) or 'too few sizes and budgets'}{flag['kaplan']}")
+    if dc := result.data_constrained:
+        lines += _data_constrained_lines(dc, flag["data_constrained"])
     pred = result.prediction
     if isinstance(pred, NoPrediction):
         lines.append(f"prediction at the largest budget: not made: {pred.reason}")
@@ -81,6 +83,16 @@ def summary(result: FitResult) -> str:
                      f"there reached {pred.observed_best_loss:.4f} ({pred.relative_error:+.2%})")
     lines += [f"warning: {w}" for w in result.warnings]
     return "\n".join(lines)
+
+
+def _data_constrained_lines(p: DataConstrainedLaw, flag: str) -> list[str]:
+    return [f"{APPROACH_NAMES['data_constrained']}: L(N, D, U) = {_fmt(p.E)} + {_fmt(p.A)}/N'^{_fmt(p.alpha)} "
+            f"+ {_fmt(p.B)}/D'^{_fmt(p.beta)}; {p.single_epoch_runs} runs of one epoch, {p.repeated_runs} "
+            f"repeating{flag}",
+            "  " + "; ".join(f"{k} {_fmt(getattr(p, k))} {_ci(p, k)}".rstrip()
+                             for k in ("E", "A", "B", "alpha", "beta", "R_D_star", "R_N_star")),
+            f"  D' = U + U·R_D*·(1 - exp(-R_D/R_D*)), R_D = D/U - 1; N' likewise over U_N = min(N_opt(U), N); "
+            f"Huber objective {p.objective:.6g}"]
 
 
 def render(result: FitResult, records: list[dict], plot_paths: list[str], workdir: str) -> str:

@@ -165,6 +165,46 @@ class Approach3(Law, Checked):
     vpnls: VPNLSLaw | None = None
 
 
+@dataclasses.dataclass
+class DataConstrainedLaw(Law, Checked):
+    """Muennighoff et al.'s law (scaling/data_constrained.py): the Chinchilla terms with effective data D' and
+    parameters N'; R_D_star / R_N_star None where the runs do not pin them down (infinite: no decay)."""
+
+    R_D_star: float | None
+    R_N_star: float | None
+    objective: float
+    single_epoch_runs: int
+    repeated_runs: int
+
+    def unique_params(self, unique_tokens) -> np.ndarray:
+        """N_opt(U_D): the parameters compute-optimal for U_D tokens, on this law's frontier (U_D: the unique
+        tokens a run saw, min(D, the split's))."""
+        g = (self.alpha * self.A / (self.beta * self.B)) ** (1 / (self.alpha + self.beta))
+        return g * (g * np.asarray(unique_tokens, np.float64)) ** (self.beta / self.alpha)
+
+    @staticmethod
+    def _effective(x, base, r_star: float | None) -> np.ndarray:
+        x, base = np.asarray(x, np.float64), np.asarray(base, np.float64)
+        if r_star is None:
+            return x
+        return base + base * r_star * (1 - np.exp(-np.maximum(x / base - 1, 0) / r_star))
+
+    def effective_tokens(self, tokens, unique_tokens) -> np.ndarray:
+        """D' = U_D + U_D R_D* (1 - exp(-R_D / R_D*)), R_D = D / U_D - 1 (U_D: the unique tokens seen)."""
+        return self._effective(tokens, unique_tokens, self.R_D_star)
+
+    def effective_params(self, params, unique_tokens) -> np.ndarray:
+        """N' = U_N + U_N R_N* (1 - exp(-R_N / R_N*)), U_N = min(N_opt(U_D), N), R_N = N / U_N - 1."""
+        base = np.minimum(self.unique_params(unique_tokens), params)
+        return self._effective(params, base, self.R_N_star)
+
+    def loss_repeated(self, params, tokens, split_tokens) -> np.ndarray:
+        """L(N, D, U_D) in nats/token for runs of D tokens drawn from a training split of `split_tokens` unique
+        tokens (U_D = min(D, split_tokens))."""
+        unique = np.minimum(np.asarray(split_tokens, np.float64), tokens)
+        return self.loss(self.effective_params(params, unique), self.effective_tokens(tokens, unique))
+
+
 # ---------------------------------------------------------------------- Kaplan
 @dataclasses.dataclass
 class SizeLaw:
@@ -233,7 +273,7 @@ class Settings:
     drop_highest: int = 0
 
 
-APPROACHES = ("approach1", "approach2", "approach3", "kaplan")
+APPROACHES = ("approach1", "approach2", "approach3", "kaplan", "data_constrained")
 
 
 @dataclasses.dataclass
@@ -247,6 +287,7 @@ class FitResult:
     approach2: Approach2 | None = None
     approach3: Approach3 | None = None
     kaplan: Kaplan | None = None
+    data_constrained: DataConstrainedLaw | None = None
     prediction: Prediction | NoPrediction | None = None
     warnings: list[str] = dataclasses.field(default_factory=list)
 

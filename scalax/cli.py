@@ -267,6 +267,36 @@ def cmd_bench(args: argparse.Namespace, overrides: list[str]) -> int:
     return 0
 
 
+def cmd_coordcheck(args: argparse.Namespace, overrides: list[str]) -> int:
+    """muP's coordinate check (scalax/train/coordcheck.py): mean |x| per activation across widths."""
+    from scalax import config as config_lib
+    from scalax.train import coordcheck
+
+    try:
+        widths = [int(w) for w in args.widths.split(",")]
+    except ValueError:
+        raise ConfigError("--widths", f"a comma-separated list of integers, e.g. 128,256,512, got "
+                          f"{args.widths!r}") from None
+    if args.out:
+        io.check_output_dir(args.out, "--out")
+        if io.exists(io.join(args.out, "coordcheck.json")) and not args.force:
+            raise ConfigError("--out", f"{args.out} already holds coordcheck.json; pass --force to replace it")
+    cfg = config_lib.load(args.config, overrides)
+    log = (lambda msg: print(msg, file=sys.stderr)) if args.json else print
+    result = coordcheck.coordcheck(cfg, widths, args.seeds, args.steps, log)
+    if args.out:
+        io.make_output_dir(args.out, "--out")
+        io.atomic_write_bytes(io.join(args.out, "coordcheck.png"), coordcheck.plot(result))
+        io.atomic_write_text(io.join(args.out, "coordcheck.json"), json.dumps(result, indent=2) + "\n")
+    if args.json:
+        print(json.dumps(result, indent=2))
+    else:
+        print(f"{result['parameterization']}: slope of log mean|x| on log width, widths {widths}")
+        for name, a in result["activations"].items():
+            print(f"  {name:32s} {a['slope']:+.3f}  " + " ".join(f"{v:.3g}" for v in a["mean_abs"]))
+    return 0
+
+
 def cmd_launch(args: argparse.Namespace, overrides: list[str]) -> int:
     """Launch a sweep onto Cloud TPU (scalax/launch/launcher.py), or show where one stands."""
     from scalax.launch import status as status_lib
@@ -526,6 +556,20 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--rounds", type=int, default=3, help="rounds, alternating between the configs")
     bench.add_argument("--json", action="store_true", help="print a JSON list, one object per config")
     bench.set_defaults(func=cmd_bench)
+
+    check = sub.add_parser("coordcheck", help="muP's coordinate check: activation sizes across widths",
+                           description=overrides + " Each width is the config's model at d_model = w (head_dim kept, "
+                           "heads and d_ff scaled), trained a few AdamW steps at a constant learning rate.",
+                           **kw)
+    check.add_argument("--config", required=True, help="config file and argument, e.g. configs/gpt.py:size=tiny "
+                                                       "with --config.model.parameterization=mup")
+    check.add_argument("--widths", default="128,256,512,1024", help="comma-separated d_model values")
+    check.add_argument("--seeds", type=int, default=3, help="seeds averaged per width")
+    check.add_argument("--steps", type=int, default=4, help="AdamW steps before the activations are measured")
+    check.add_argument("--out", help="a directory for coordcheck.json and coordcheck.png")
+    check.add_argument("--force", action="store_true", help="replace the coordcheck.json and .png --out holds")
+    check.add_argument("--json", action="store_true", help="print the JSON object")
+    check.set_defaults(func=cmd_coordcheck)
 
     convert = sub.add_parser("convert", help="Hugging Face directory <-> scalax checkpoint", **kw)
     convert.add_argument("--from-hf", help="a Hugging Face model directory (GPT2LMHeadModel, LlamaForCausalLM)")

@@ -125,6 +125,10 @@ def _rope_scaling_to_hf(cfg: ModelConfig) -> dict | None:
 
 def _family(cfg: ModelConfig) -> str:
     """Which Hugging Face architecture a scalax config is, by its features (refusing what is neither)."""
+    if cfg.parameterization != "sp":
+        raise ConversionError(f"model.parameterization is {cfg.parameterization!r}: its logit multiplier and 1/K "
+                              "attention scale have no key in a transformers config, so the export is refused "
+                              "rather than made to give other outputs; export an sp model")
     family = presets.family_of(cfg)
     # beyond the family's features, what each Hugging Face class cannot express
     if family == "gpt" and cfg.n_kv_heads == cfg.n_heads and cfg.head_dim == cfg.d_model // cfg.n_heads:

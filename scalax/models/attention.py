@@ -25,7 +25,7 @@ import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
 from scalax.errors import ConfigError
-from scalax.models import positions
+from scalax.models import mup, positions
 from scalax.models.config import ModelConfig
 from scalax.models.layers import DenseGeneral, Norm, constrain, dtype_of, kernel_init
 
@@ -215,7 +215,7 @@ class Attention(nn.Module):
 
         def proj(name, heads, head_axis):
             return DenseGeneral(
-                (heads, K), kernel_init=kernel_init(cfg, ("embed", head_axis, "head_dim")),
+                (heads, K), kernel_init=kernel_init(cfg, ("embed", head_axis, "head_dim"), hidden=True),
                 bias_init=nn.with_logical_partitioning(nn.initializers.zeros, (head_axis, "head_dim")),
                 name=name, **dense)(x_BxTxD)
 
@@ -227,6 +227,8 @@ class Attention(nn.Module):
             k_BxTxGxK = Norm(cfg, axis_name="head_dim", name="k_norm")(k_BxTxGxK)
         scheme = positions.scheme_of(cfg)
         q_BxTxHxK = scheme.rotate(cfg, q_BxTxHxK, positions_T)
+        if cfg.parameterization == "mup":  # every implementation divides q.k by sqrt(K); muP's is 1/K
+            q_BxTxHxK = q_BxTxHxK * jnp.asarray(mup.attention_scale(cfg) * K**0.5, q_BxTxHxK.dtype)
         k_BxTxGxK = scheme.rotate(cfg, k_BxTxGxK, positions_T)
         q_BxTxHxK = constrain(q_BxTxHxK, ("act_batch", "act_seq", "act_heads", "act_head_dim"))
         k_BxTxGxK = constrain(k_BxTxGxK, ("act_batch", "act_seq", "act_kv_heads", "act_head_dim"))
@@ -256,7 +258,7 @@ class Attention(nn.Module):
                                                                     "act_head_dim"))
         out_BxTxD = DenseGeneral(
             (cfg.d_model,), n_in=2,
-            kernel_init=kernel_init(cfg, ("heads", "head_dim", "embed"), output_projection=True),
+            kernel_init=kernel_init(cfg, ("heads", "head_dim", "embed"), output_projection=True, hidden=True),
             bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("embed",)),
             name="o", **dense)(out_BxTxHxK)
         return constrain(out_BxTxD, ("act_batch", "act_seq", "act_embed"))

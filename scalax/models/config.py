@@ -23,6 +23,8 @@ DTYPES = ("float32", "bfloat16", "float16")
 REMATS = ("none", "full", "dots", "dots_no_batch")
 # How attention is computed (models/attention.py); `auto` picks per device.
 ATTENTIONS = ("auto", "einsum", "dot_product", "chunked", "splash")
+# How initialisation, learning rates and multipliers scale with width (models/mup.py).
+PARAMETERIZATIONS = ("sp", "mup")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -71,7 +73,10 @@ class ModelConfig:
     parallel_block: bool = False  # attention and MLP side by side on one normalised input (GPT-J, PaLM)
     share_layers: bool = False  # one block's weights used by every layer
 
-    init_std: float = 0.02  # normal init of every kernel and embedding; output projections / sqrt(2 L)
+    init_std: float = 0.02  # normal init of every kernel and embedding; output projections / sqrt(2 L) (sp)
+    # sp: the standard parameterization; mup: muP (models/mup.py) relative to a model of width mup_base_width
+    parameterization: str = "sp"
+    mup_base_width: int = 0
     dtype: str = "bfloat16"  # compute
     param_dtype: str = "float32"
     scan_layers: bool = True
@@ -117,6 +122,7 @@ class ModelConfig:
             ("param_dtype", DTYPES),
             ("remat", REMATS),
             ("attention", ATTENTIONS),
+            ("parameterization", PARAMETERIZATIONS),
         ):
             value = getattr(self, name)
             if value not in allowed:
@@ -125,6 +131,9 @@ class ModelConfig:
             raise ConfigError("model.norm_eps", f"must be positive, got {self.norm_eps}")
         if self.init_std <= 0:
             raise ConfigError("model.init_std", f"must be positive, got {self.init_std}")
+        if self.parameterization == "mup" and self.mup_base_width <= 0:
+            raise ConfigError("model.mup_base_width", f"muP needs the width its hyperparameters were tuned at (a "
+                              f"positive d_model), got {self.mup_base_width}")
         positions.scheme_of(self).validate(self)  # its keys (RoPE's rotation and scaling, T5's buckets)
         if self.attention_block <= 0:
             raise ConfigError("model.attention_block", f"must be a positive integer, got {self.attention_block}")
@@ -144,6 +153,11 @@ class ModelConfig:
     def q_per_kv(self) -> int:
         """Query heads sharing one key/value head (1 for MHA, n_heads for MQA)."""
         return self.n_heads // self.n_kv_heads
+
+    @property
+    def width_multiplier(self) -> float:
+        """m = d_model / mup_base_width under muP; 1 under sp."""
+        return self.d_model / self.mup_base_width if self.parameterization == "mup" else 1.0
 
     @property
     def gated_mlp(self) -> bool:

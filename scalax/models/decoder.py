@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 
 from scalax.errors import ConfigError
-from scalax.models import positions
+from scalax.models import mup, positions
 from scalax.models.attention import Attention
 from scalax.models.config import ModelConfig
 from scalax.models.layers import Embedding, Mlp, Norm, constrain, dtype_of, kernel_init
@@ -130,6 +130,8 @@ class Decoder(nn.Module):
             x_BxTxD, _ = self.layers(x_BxTxD, positions_T, bias_table, start)
         if cfg.norm_position == "pre":
             x_BxTxD = self.final_norm(x_BxTxD)
+        if cfg.parameterization == "mup":  # logits x 1/m (models/mup.py)
+            x_BxTxD = x_BxTxD * jnp.asarray(mup.output_multiplier(cfg), x_BxTxD.dtype)
         logits_BxTxV = self.embed.attend(x_BxTxD) if cfg.tie_embeddings else self.head(x_BxTxD)
         return constrain(logits_BxTxV, ("act_batch", "act_seq", "act_vocab"))
 

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import math
-
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from scalax.models import mup
 from scalax.models.config import ModelConfig
 
 
@@ -15,10 +14,10 @@ def dtype_of(name: str) -> jnp.dtype:
     return jnp.dtype(name)
 
 
-def kernel_init(cfg: ModelConfig, axes: tuple[str, ...], output_projection: bool = False):
-    """Normal(0, init_std) with logical axis names; output projections scaled by 1/sqrt(2 L) (GPT-2)."""
-    std = cfg.init_std / math.sqrt(2 * cfg.n_layers) if output_projection else cfg.init_std
-    return nn.with_logical_partitioning(nn.initializers.normal(std), axes)
+def kernel_init(cfg: ModelConfig, axes: tuple[str, ...], output_projection: bool = False, hidden: bool = False):
+    """Normal(0, std) with logical axis names: init_std, output projections / sqrt(2 L) (GPT-2); under muP hidden
+    kernels / sqrt(m) (models/mup.py)."""
+    return nn.with_logical_partitioning(nn.initializers.normal(mup.init_std(cfg, hidden, output_projection)), axes)
 
 
 def constrain(x: jnp.ndarray, axes: tuple[str, ...]) -> jnp.ndarray:
@@ -111,15 +110,15 @@ class Mlp(nn.Module):
         dense = dict(dtype=dtype_of(cfg.dtype), param_dtype=dtype_of(cfg.param_dtype), use_bias=cfg.use_bias,
                      bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("mlp",)))
         act = {"gelu": nn.gelu, "geglu": nn.gelu, "relu": nn.relu, "swiglu": nn.silu}[cfg.mlp]
-        h_BxTxF = nn.Dense(cfg.d_ff, kernel_init=kernel_init(cfg, ("embed", "mlp")), name="wi", **dense)(x_BxTxD)
+        in_init = kernel_init(cfg, ("embed", "mlp"), hidden=True)
+        h_BxTxF = nn.Dense(cfg.d_ff, kernel_init=in_init, name="wi", **dense)(x_BxTxD)
         if cfg.gated_mlp:
-            gate_BxTxF = nn.Dense(cfg.d_ff, kernel_init=kernel_init(cfg, ("embed", "mlp")), name="wg",
-                                  **dense)(x_BxTxD)
+            gate_BxTxF = nn.Dense(cfg.d_ff, kernel_init=in_init, name="wg", **dense)(x_BxTxD)
             h_BxTxF = act(gate_BxTxF) * h_BxTxF
         else:
             h_BxTxF = act(h_BxTxF)
         h_BxTxF = constrain(h_BxTxF, ("act_batch", "act_seq", "act_mlp"))
         dense["bias_init"] = nn.with_logical_partitioning(nn.initializers.zeros, ("embed",))
-        out_BxTxD = nn.Dense(cfg.d_model, kernel_init=kernel_init(cfg, ("mlp", "embed"), output_projection=True),
-                             name="wo", **dense)(h_BxTxF)
+        out_init = kernel_init(cfg, ("mlp", "embed"), output_projection=True, hidden=True)
+        out_BxTxD = nn.Dense(cfg.d_model, kernel_init=out_init, name="wo", **dense)(h_BxTxF)
         return constrain(out_BxTxD, ("act_batch", "act_seq", "act_embed"))

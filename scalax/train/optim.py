@@ -96,12 +96,27 @@ def decay_mask(params, decay_embeddings: bool = False):
     return jax.tree_util.tree_map_with_path(decays, params)
 
 
-def optimizer(optim_cfg, total_steps: int, tokens_per_step: int = 0) -> optax.GradientTransformation:
-    """AdamW (with clipping) on the schedule; `tokens_per_step` (batch x seq_len) for a warmup in tokens."""
+def scale_by_path(multiplier) -> optax.GradientTransformation:
+    """Each leaf's update times `multiplier(path)`, path its tuple of names (muP's per-parameter learning rates)."""
+
+    def update(updates, state, params=None):
+        del params
+        return jax.tree_util.tree_map_with_path(lambda path, u: u * multiplier(tuple(k.key for k in path)),
+                                                updates), state
+
+    return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
+
+
+def optimizer(optim_cfg, total_steps: int, tokens_per_step: int = 0,
+              lr_multiplier=None) -> optax.GradientTransformation:
+    """AdamW (with clipping) on the schedule; `tokens_per_step` (batch x seq_len) for a warmup in tokens;
+    `lr_multiplier(path) -> float`, when given, scales each parameter's update (models/mup.py)."""
     validate(optim_cfg, total_steps, tokens_per_step)
     adamw = optax.adamw(schedule(optim_cfg, total_steps, tokens_per_step), b1=optim_cfg.b1, b2=optim_cfg.b2,
                         eps=optim_cfg.eps, weight_decay=optim_cfg.weight_decay,
                         mask=lambda p: decay_mask(p, optim_cfg.decay_embeddings))
-    if optim_cfg.grad_clip > 0:
-        return optax.chain(optax.clip_by_global_norm(optim_cfg.grad_clip), adamw)
-    return adamw
+    parts = [optax.clip_by_global_norm(optim_cfg.grad_clip)] if optim_cfg.grad_clip > 0 else []
+    parts.append(adamw)
+    if lr_multiplier is not None:
+        parts.append(scale_by_path(lr_multiplier))
+    return optax.chain(*parts) if len(parts) > 1 else adamw

@@ -10,6 +10,7 @@ The data come next, in the loop (the memory plan needs none).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 
 import jax
@@ -18,7 +19,7 @@ from ml_collections import ConfigDict
 
 from scalax import config as config_lib
 from scalax.errors import ConfigError
-from scalax.models import Decoder, ModelConfig
+from scalax.models import Decoder, ModelConfig, mup
 from scalax.parallel import mesh as mesh_lib
 from scalax.train import optim, program
 
@@ -76,7 +77,8 @@ def setup_run(cfg: ConfigDict, devices=None) -> RunSetup:
         raise ConfigError("train.microbatches", f"each microbatch of {microbatch} sequences must divide over "
                           f"mesh.data x mesh.fsdp = {layout.batch_shards}")
     tokens_per_step = train_cfg.batch_size * train_cfg.seq_len
-    tx = optim.optimizer(cfg.optim, steps, tokens_per_step)
+    multiplier = functools.partial(mup.lr_multiplier, model_cfg) if model_cfg.parameterization == "mup" else None
+    tx = optim.optimizer(cfg.optim, steps, tokens_per_step, lr_multiplier=multiplier)
     schedule = optim.schedule(cfg.optim, steps, tokens_per_step)
     prog = program.compile_program(Decoder(model_cfg), tx, schedule, layout, train_cfg.seed, train_cfg.seq_len,
                                    train_cfg.microbatches, train_cfg.z_loss)

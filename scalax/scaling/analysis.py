@@ -42,6 +42,7 @@ APPROACH_NAMES = {"approach1": "approach 1 (envelope)", "approach2": "approach 2
 APPROACHES = (*fit_lib.APPROACHES, "data_constrained")  # `all` is 1, 2, 3 and Kaplan: they assume unique tokens
 EXPONENT_RANGE = (0.0, 1.0)  # N_opt ∝ C^a, D_opt ∝ C^b: both grow with compute, a + b = 1 under C = 6 N D
 LAW_EXPONENT_RANGE = (0.0, 2.0)  # alpha, beta of L(N, D): Hoffmann et al.'s starting grid spans [0, 2]
+GRID_BIAS = 0.1  # approach 2's vertex may sit at most 10% from the optimum of approach 3's law on the same grid
 FRONTIER_GAP = 0.03  # the law's best loss at a budget may sit at most 3% below the best run there
 MIN_PARABOLA_POINTS = 4  # a parabola (3 coefficients) through 3 points fits exactly: R² = 1 says nothing
 CSV_COLUMNS = ("name", "params", "tokens", "loss", "flops")
@@ -117,6 +118,8 @@ def check(result: FitResult, runs: fit_lib.Runs) -> None:
     everything = []
     for name, approach in result.approaches().items():
         approach.warnings = checkers[name](approach, runs, groups) + _check_intervals(approach)
+        if name == "approach2" and result.approach3 is not None:
+            approach.warnings += _grid_bias(approach, result.approach3, runs, groups)
         approach.ok = not approach.warnings
         everything += [f"{APPROACH_NAMES[name]}: {w}" for w in approach.warnings]
     result.warnings = everything
@@ -197,6 +200,32 @@ def _check_data_constrained(p: DataConstrainedLaw, runs: fit_lib.Runs, groups: l
         value = getattr(p, key)
         if value is not None and not bounds[0] * 1.01 < value < bounds[1] / 1.01:
             out.append(f"{key} = {value:.4g} sits at the bound of its search [{bounds[0]:g}, {bounds[1]:g}]")
+    return out
+
+
+def _grid_bias(a2: Approach2, p: Approach3, runs: fit_lib.Runs, groups: list[np.ndarray]) -> list[str]:
+    """Approach 2's grid bias as approach 3's law sees it: the law's own losses at each kept budget's sizes (on its
+    IsoFLOP curve N·D = const), fitted by the same parabola, put the vertex where relative to the law's optimum?
+    A wide grid, an off-centre one and alpha far from beta (an asymmetric valley) all move it."""
+    if not p.has_frontier() or _check_law(p, runs, groups):
+        return []
+    kept = {round(b.flops, 6) for b in a2.budgets}
+    out = []
+    for g in groups:
+        n = runs.params[g]
+        if round(float(runs.flops[g].mean()), 6) not in kept or len(np.unique(n)) < 3:
+            continue
+        nd = float(np.exp(np.mean(np.log(n * runs.tokens[g]))))
+        x = np.log(n)
+        k2, k1, _ = np.polyfit(x - x.mean(), p.loss(n, nd / n), 2)
+        if k2 <= 0:
+            continue
+        bias = math.exp(x.mean() - k1 / (2 * k2)) / float(p.frontier(6 * nd)[0]) - 1
+        if abs(bias) > GRID_BIAS:
+            out.append(f"C = {runs.flops[g].mean():.3g}: on these sizes a parabola through approach 3's law (alpha "
+                       f"{p.alpha:.2f}, beta {p.beta:.2f}) puts N* {abs(bias):.0%} "
+                       f"{'below' if bias < 0 else 'above'} the law's optimum: the grid biases the vertex (too wide, "
+                       "off-centre, or alpha far from beta); centre a narrower grid on N*")
     return out
 
 

@@ -143,3 +143,22 @@ def test_checks_on_hand_made_results():
     high_e.approach3.E = float(runs.loss.min()) + 0.1
     analysis.check(high_e, runs)
     assert any("above the lowest loss" in w for w in high_e.approach3.warnings)
+
+
+def test_approach2_grid_bias_is_flagged_where_the_valley_is_asymmetric_and_the_grid_wide():
+    """Independent reference: the law's exact optimum N_opt(C) (closed form) against the vertex of a parabola
+    through the law's own noise-free losses; a wide grid with alpha far from beta moves the vertex (Besiroglu
+    et al.; Open-Athena), a narrow one or alpha = beta does not."""
+    skewed = dict(TRUE, alpha=0.3, beta=0.9)
+    wide = analysis.analyse(isoflop_grid(lo=1 / 8, hi=8, law=skewed, budgets=4, sizes=8))
+    assert not wide.approach2.ok
+    biased = [w for w in wide.approach2.warnings if "the grid biases the vertex" in w]
+    assert len(biased) == 4 and "below the law's optimum" in biased[0]
+    narrow = analysis.analyse(isoflop_grid(lo=1 / 2, hi=2, law=skewed, budgets=4, sizes=8))
+    assert not any("biases" in w for w in narrow.approach2.warnings)
+    symmetric = analysis.analyse(isoflop_grid(lo=1 / 8, hi=8, budgets=4, sizes=8))
+    assert not any("biases" in w for w in symmetric.approach2.warnings)
+    # the vertex the warning speaks of is approach 2's own: it sits below the closed-form optimum there
+    law = fit.Law(**skewed)
+    for b in wide.approach2.budgets:
+        assert b.n_star < 0.9 * float(law.frontier(b.flops)[0])

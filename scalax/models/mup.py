@@ -10,9 +10,11 @@ decoder. Width multiplier m = d_model / mup_base_width; sigma = model.init_std, 
     attention logits                                                           q.k / K   (sp: q.k / sqrt(K))
 
 Under sp the output projections (attention o, MLP wo) start at sigma / sqrt(2 L) (GPT-2); the guide's muP table
-has no depth factor, so under muP they start at sigma / sqrt(m) like the other hidden kernels. Width only: no
-depth rule (CompleteP), so Adam's epsilon and the weight decay are not width-scaled. The LR multiplier scales the
-whole AdamW update, decoupled decay included, as a PyTorch AdamW parameter group's learning rate does.
+has no depth factor, so under muP they start at sigma / sqrt(m) like the other hidden kernels. Adam's epsilon is
+eps / m for every parameter, as nanoGPT-mup's muP groups have it: the 1/m on the logits shrinks every gradient
+by m, and an unscaled epsilon then damps the wide model's updates (in the coordinate check, the second layer's
+queries and keys shrank by a quarter from width 128 to 1024 with it). Width only: no depth rule (CompleteP). The
+LR multiplier scales the whole AdamW update, decoupled decay included, as a PyTorch AdamW group's LR does.
 At m = 1 muP differs from sp only in the attention scale and the output projections' depth factor.
 """
 
@@ -50,6 +52,11 @@ def lr_multiplier(cfg: ModelConfig, path: Sequence[str]) -> float:
     if cfg.parameterization == "mup" and role(path, cfg.tie_embeddings) == "hidden":
         return 1.0 / cfg.width_multiplier
     return 1.0
+
+
+def adam_eps_multiplier(cfg: ModelConfig) -> float:
+    """The factor on AdamW's epsilon: 1/m under muP."""
+    return 1.0 / cfg.width_multiplier
 
 
 def attention_scale(cfg: ModelConfig) -> float:

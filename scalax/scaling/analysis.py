@@ -184,12 +184,15 @@ def _repeats(runs: fit_lib.Runs) -> list[str]:
             "each token seen once; fit them with --approach data_constrained"]
 
 
-def _check_data_constrained(p: DataConstrainedLaw, runs: fit_lib.Runs, groups: list[np.ndarray]) -> list[str]:
-    out = []
+def _law_exponents(p) -> list[str]:
+    """A law's alpha and beta outside their plausible range."""
     lo, hi = LAW_EXPONENT_RANGE
-    for key in ("alpha", "beta"):
-        if not lo < getattr(p, key) < hi:
-            out.append(f"{key} = {getattr(p, key):.4g}: outside ({lo:g}, {hi:g}); the fit ran off")
+    return [f"{key} = {getattr(p, key):.4g}: outside ({lo:g}, {hi:g}); the fit ran off" for key in ("alpha", "beta")
+            if not lo < getattr(p, key) < hi]
+
+
+def _check_data_constrained(p: DataConstrainedLaw, runs: fit_lib.Runs, groups: list[np.ndarray]) -> list[str]:
+    out = _law_exponents(p)
     if p.R_D_star is None:
         out.append("no run repeats its data: R_D* (the decay of repeated tokens) is not determined")
     if p.R_N_star is None:
@@ -234,11 +237,7 @@ def _check_approach3(p: Approach3, runs: fit_lib.Runs, groups: list[np.ndarray])
 
 
 def _check_law(p: Approach3, runs: fit_lib.Runs, groups: list[np.ndarray]) -> list[str]:
-    out = []
-    lo, hi = LAW_EXPONENT_RANGE
-    for key in ("alpha", "beta"):
-        if not lo < getattr(p, key) < hi:
-            out.append(f"{key} = {getattr(p, key):.4g}: outside ({lo:g}, {hi:g}); the fit ran off")
+    out = _law_exponents(p)
     if p.E > runs.loss.min():
         out.append(f"E = {p.E:.4g} is above the lowest loss measured ({runs.loss.min():.4g}): an irreducible loss "
                    "cannot exceed a measured one")

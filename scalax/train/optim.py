@@ -107,13 +107,14 @@ def scale_by_path(multiplier) -> optax.GradientTransformation:
     return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
 
 
-def optimizer(optim_cfg, total_steps: int, tokens_per_step: int = 0,
-              lr_multiplier=None) -> optax.GradientTransformation:
+def optimizer(optim_cfg, total_steps: int, tokens_per_step: int = 0, lr_multiplier=None,
+              eps_multiplier: float = 1.0) -> optax.GradientTransformation:
     """AdamW (with clipping) on the schedule; `tokens_per_step` (batch x seq_len) for a warmup in tokens;
-    `lr_multiplier(path) -> float`, when given, scales each parameter's update (models/mup.py)."""
+    `lr_multiplier(path) -> float`, when given, scales each parameter's update, and `eps_multiplier` Adam's
+    epsilon (models/mup.py)."""
     validate(optim_cfg, total_steps, tokens_per_step)
     adamw = optax.adamw(schedule(optim_cfg, total_steps, tokens_per_step), b1=optim_cfg.b1, b2=optim_cfg.b2,
-                        eps=optim_cfg.eps, weight_decay=optim_cfg.weight_decay,
+                        eps=optim_cfg.eps * eps_multiplier, weight_decay=optim_cfg.weight_decay,
                         mask=lambda p: decay_mask(p, optim_cfg.decay_embeddings))
     parts = [optax.clip_by_global_norm(optim_cfg.grad_clip)] if optim_cfg.grad_clip > 0 else []
     parts.append(adamw)

@@ -78,7 +78,8 @@ def setup_run(cfg: ConfigDict, devices=None) -> RunSetup:
                           f"mesh.data x mesh.fsdp = {layout.batch_shards}")
     tokens_per_step = train_cfg.batch_size * train_cfg.seq_len
     multiplier = functools.partial(mup.lr_multiplier, model_cfg) if model_cfg.parameterization == "mup" else None
-    tx = optim.optimizer(cfg.optim, steps, tokens_per_step, lr_multiplier=multiplier)
+    tx = optim.optimizer(cfg.optim, steps, tokens_per_step, lr_multiplier=multiplier,
+                         eps_multiplier=mup.adam_eps_multiplier(model_cfg))
     schedule = optim.schedule(cfg.optim, steps, tokens_per_step)
     prog = program.compile_program(Decoder(model_cfg), tx, schedule, layout, train_cfg.seed, train_cfg.seq_len,
                                    train_cfg.microbatches, train_cfg.z_loss)

@@ -72,6 +72,21 @@ def test_adamw_update_ratios_per_the_table():
     assert {mup.lr_multiplier(sp_cfg, p) for p in updates["sp"]} == {1.0}
 
 
+def test_adam_epsilon_is_scaled_by_one_over_m():
+    """First AdamW step on a constant gradient g (no decay): the update is -lr g / (|g| + eps'), so a gradient
+    the size of eps tells eps' = eps / m apart from eps."""
+    model_cfg, cfg = llama("mup")
+    cfg.optim.weight_decay, cfg.optim.grad_clip, cfg.optim.schedule, cfg.optim.warmup_steps = 0.0, 0.0, "constant", 0
+    params = {"embed": {"embedding": jnp.zeros((4, 4))}}
+    g = cfg.optim.eps
+    tx = optim.optimizer(cfg.optim, 10, eps_multiplier=mup.adam_eps_multiplier(model_cfg))
+    update = tx.update({"embed": {"embedding": jnp.full((4, 4), g)}}, tx.init(params), params)[0]
+    m = WIDTH / BASE
+    want = -cfg.optim.lr * g / (g + g / m)
+    np.testing.assert_allclose(np.asarray(update["embed"]["embedding"]), want, rtol=1e-5)
+    assert mup.adam_eps_multiplier(llama("sp")[0]) == 1.0
+
+
 def test_forward_multipliers_equal_an_sp_model_that_carries_them():
     """muP's logits x 1/m and q.k / K equal sp's after folding them into the parameters: the final RMSNorm's scale
     times 1/m, the query kernel times 1/sqrt(K) (sp divides by sqrt(K) once more)."""

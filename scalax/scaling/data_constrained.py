@@ -29,7 +29,7 @@ from scipy import optimize
 
 from scalax.errors import ConfigError
 from scalax.scaling import fit as fit_lib
-from scalax.scaling.results import DataConstrainedLaw, FitResult, Interval, Intervals, Settings
+from scalax.scaling.results import DataConstrainedLaw, FitResult, Intervals, Settings
 
 ONE_EPOCH = 1 + 1e-9  # a run of at most this many epochs has seen each token once
 R_STAR_GRID = np.log(np.geomspace(0.1, 1000.0, 13))  # stage 2's starts for log R_D*, log R_N*
@@ -70,8 +70,7 @@ def _huber(theta7: np.ndarray, data: dict, fit_d: bool, fit_n: bool) -> float:
         r = np.abs(_predict_log_loss(theta7, data, fit_d, fit_n) - data["log_l"])
     if not np.all(np.isfinite(r)):
         return math.inf
-    d = fit_lib.HUBER_DELTA
-    return float(np.where(r <= d, 0.5 * r**2, d * (r - 0.5 * d)).sum())
+    return float(fit_lib.huber_loss(r).sum())
 
 
 def _minimise(fun, x0: np.ndarray, bounds) -> tuple[np.ndarray, float]:
@@ -112,13 +111,14 @@ def fit_data_constrained(runs: fit_lib.Runs, start: DataConstrainedLaw | None = 
     theta7 = np.concatenate([theta5, log_r])
     joint = [(None, None)] * 3 + [(1e-6, None)] * 2 + [LOG_R_BOUNDS] * 2
     polished, value = _minimise(lambda t: _huber(t, data, fit_d, fit_n), theta7, joint)
-    if value <= _huber(theta7, data, fit_d, fit_n):
-        theta7 = polished
+    objective = _huber(theta7, data, fit_d, fit_n)
+    if value <= objective:
+        theta7, objective = polished, value
     law = fit_lib.law_of(theta7[:5])
     return DataConstrainedLaw(**dataclasses.asdict(law),
                               R_D_star=float(math.exp(theta7[5])) if fit_d else None,
                               R_N_star=float(math.exp(theta7[6])) if fit_n else None,
-                              objective=_huber(theta7, data, fit_d, fit_n),
+                              objective=objective,
                               single_epoch_runs=len(single), repeated_runs=int(np.sum(epochs > ONE_EPOCH)))
 
 
@@ -146,8 +146,5 @@ def fit(runs: fit_lib.Runs, bootstrap: int = 0, level: float = 0.8, seed: int = 
         for k, v in samples.items():
             if (x := getattr(refit, k)) is not None and math.isfinite(x):
                 v.append(x)
-    lo, hi = (1 - level) / 2, (1 + level) / 2
-    law.ci = Intervals(level, {k: Interval(low=float(np.quantile(v, lo)), high=float(np.quantile(v, hi)),
-                                           se=float(np.std(v, ddof=1)), n=len(v))
-                               for k, v in samples.items() if len(v) > 1})
+    law.ci = Intervals(level, fit_lib.percentile_intervals(samples, level))
     return result

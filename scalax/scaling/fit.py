@@ -130,6 +130,20 @@ def drop_outliers(runs: Runs, drop_highest: int = 0) -> Runs:
 
 
 # ---------------------------------------------------------------------- approach 3
+def huber_loss(r: np.ndarray) -> np.ndarray:
+    """Hoffmann et al.'s Huber loss (delta HUBER_DELTA) of residuals r, elementwise."""
+    abs_r = np.abs(r)
+    return np.where(abs_r <= HUBER_DELTA, 0.5 * r**2, HUBER_DELTA * (abs_r - 0.5 * HUBER_DELTA))
+
+
+def percentile_intervals(samples: dict[str, list[float]], level: float) -> dict[str, Interval]:
+    """Percentile intervals at `level` (and standard errors) of every parameter with two or more resampled values."""
+    lo, hi = (1 - level) / 2, (1 + level) / 2
+    with np.errstate(over="ignore"):  # (spreads of huge resampled coefficients may overflow)
+        return {k: Interval(low=float(np.quantile(v, lo)), high=float(np.quantile(v, hi)),
+                            se=float(np.std(v, ddof=1)), n=len(v)) for k, v in samples.items() if len(v) > 1}
+
+
 def _objective(theta_Sx5: np.ndarray, log_n: np.ndarray, log_d: np.ndarray, log_l: np.ndarray,
                weights_SxR: np.ndarray | None = None):
     """Summed Huber loss and its gradient, for S parameter vectors (a, b, e, alpha, beta) at once; with
@@ -140,8 +154,7 @@ def _objective(theta_Sx5: np.ndarray, log_n: np.ndarray, log_d: np.ndarray, log_
     w1, w2, w3 = np.exp(t1 - m), np.exp(t2 - m), np.exp(t3 - m)
     z = w1 + w2 + w3
     r = m + np.log(z) - log_l
-    abs_r = np.abs(r)
-    huber = np.where(abs_r <= HUBER_DELTA, 0.5 * r**2, HUBER_DELTA * (abs_r - 0.5 * HUBER_DELTA))
+    huber = huber_loss(r)
     dr = np.clip(r, -HUBER_DELTA, HUBER_DELTA)
     if weights_SxR is not None:
         huber, dr = huber * weights_SxR, dr * weights_SxR
@@ -431,13 +444,9 @@ def _bootstrap(result: FitResult, runs: Runs, theta: np.ndarray | None, resample
             # not a resample whose fit ran off to infinity: it says nothing about the spread.
             if k in samples and math.isfinite(v):
                 samples[k].append(v)
-    lo, hi = (1 - level) / 2, (1 + level) / 2
-    for name, approach_result in result.approaches().items():  # (spreads of huge resampled coefficients may overflow)
+    for name, approach_result in result.approaches().items():
         prefix = f"{name}."
-        with np.errstate(over="ignore"):
-            ci = {k[len(prefix):]: Interval(low=float(np.quantile(v, lo)), high=float(np.quantile(v, hi)),
-                                            se=float(np.std(v, ddof=1)), n=len(v))
-                  for k, v in samples.items() if k.startswith(prefix) and len(v) > 1}
+        ci = percentile_intervals({k[len(prefix):]: v for k, v in samples.items() if k.startswith(prefix)}, level)
         if ci:
             approach_result.ci = Intervals(level, ci)
 

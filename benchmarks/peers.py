@@ -23,7 +23,7 @@ import optax
 from flax import linen as nn
 
 from scalax import config as config_lib
-from scalax.scaling import flops
+from scalax.models import flops
 from scalax.train.bench import Bench
 from scalax.train.loop import MFU_CONVENTION
 from scalax.train.metrics import measure_matmul_flops

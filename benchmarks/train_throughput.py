@@ -21,7 +21,7 @@ import numpy as np
 
 from scalax import config as config_lib
 from scalax.data import corpora, pipeline
-from scalax.scaling import flops
+from scalax.models import flops
 from scalax.train.bench import Bench
 from scalax.train.loop import MFU_CONVENTION
 from scalax.train.metrics import measure_matmul_flops

@@ -27,6 +27,7 @@ def experiment(family: str, arg: str | None) -> ml_collections.ConfigDict:
         "eval_windows": 64,  # fixed validation windows per evaluation
         "checkpoint_every": 100,  # steps between kept checkpoints ...
         "keep_checkpoints": 3,  # ... of which the newest this many stay
+        "checkpoint_steps": (),  # also save at these steps, and keep them (a wsd_branch trunk's branch points)
         "checkpoint_minutes": 0.0,  # also save after this much wall time, replacing the previous such save (0: off)
     })
     cfg.optim = ml_collections.ConfigDict({

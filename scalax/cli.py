@@ -60,8 +60,7 @@ def cmd_info(args: argparse.Namespace, overrides: list[str]) -> int:
     import jax.numpy as jnp
 
     from scalax import config as config_lib
-    from scalax.models import Decoder, presets
-    from scalax.scaling import flops
+    from scalax.models import Decoder, flops, presets
 
     if args.list:
         print("presets (configs/gpt.py:preset=NAME, configs/llama.py:preset=NAME):")
@@ -517,7 +516,8 @@ def build_parser() -> argparse.ArgumentParser:
                             "DIR/replaced/ and train the new grid")
     sweep.set_defaults(func=cmd_sweep)
 
-    from scalax.scaling import analysis, flops
+    from scalax.models import flops
+    from scalax.scaling import analysis
 
     fit = sub.add_parser("fit", help="fit scaling laws to a sweep directory or a CSV",
                          description="Prints every approach with its intervals and warnings (or --json). A sweep "

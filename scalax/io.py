@@ -215,6 +215,21 @@ def move(source: str, target: str) -> None:
         shutil.move(source, target)
 
 
+def copytree(source: str, target: str) -> None:
+    """Copy a directory tree to `target` (which must not exist): into `target.copying` first (what a copy cut
+    short left there is removed), then moved into place, so that `target` never holds part of a copy (on GCS
+    the move is object by object: as nearly as it allows)."""
+    partial = target.rstrip("/") + ".copying"
+    remove(partial)
+    if is_remote(source) or is_remote(target):
+        src_fs, prefix = _fs(source), source.removeprefix("gs://").rstrip("/")
+        for name in src_fs.find(source):
+            atomic_write_bytes(partial + name[len(prefix):], src_fs.cat_file(name))
+    else:
+        shutil.copytree(source, partial)
+    move(partial, target)
+
+
 def upload(local_path: str, path: str) -> None:
     """Copy a local file to `path` (local or remote), atomically."""
     with open(local_path, "rb") as f:

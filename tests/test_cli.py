@@ -9,8 +9,7 @@ import pytest
 
 from scalax import cli
 from scalax import config as config_lib
-from scalax.models import ModelConfig, presets
-from scalax.scaling import flops
+from scalax.models import ModelConfig, flops, presets
 from tests.conftest import REPO
 
 

@@ -39,6 +39,17 @@ def test_the_same_calls_give_the_same_answers(root):
     io.remove(io.join(root, "moved"))  # removing what is not there is no error
 
 
+def test_a_tree_is_copied_whole_and_a_partial_copy_left_before_is_replaced(root):
+    source, target = io.join(root, "src"), io.join(root, "copies", "7")
+    for name, text in (("a.txt", "a"), ("d/b.txt", "bb"), ("d/e/c.bin", "ccc")):
+        io.atomic_write_text(io.join(source, name), text)
+    io.atomic_write_text(io.join(root, "copies", "7.copying", "stale.txt"), "left by a killed copy")
+    io.copytree(source, target)
+    assert io.listdir(io.join(root, "copies")) == ["7"]
+    assert [io.read_text(io.join(target, n)) for n in ("a.txt", "d/b.txt", "d/e/c.bin")] == ["a", "bb", "ccc"]
+    assert io.listdir(target) == ["a.txt", "d"] and io.read_text(io.join(source, "d/e/c.bin")) == "ccc"
+
+
 def test_a_second_writer_of_a_versioned_file_is_refused(bucket):
     path = f"{bucket}/sweep/runs.jsonl"
     data, version = io.read_versioned(path)

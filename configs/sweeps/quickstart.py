@@ -42,6 +42,9 @@ def get_config(arg: str | None = None):
         "fit_devices": 1,
         # Each finished run's loss at these multiples of its training length (scalax eval; () for none):
         "eval_lengths": (),
+        # kind wsd_branch (scalax/scaling/sweep.py): the grid whose points are trained as cooldowns branched from
+        # one constant-LR trunk per shape; isoflop | fixed_tokens | tokens_per_param
+        "branch_grid": "isoflop",
         # unused by isoflop sweeps, kept so that --config.sweep.kind can switch kinds:
         "sizes": 5, "n_min": 5e4, "n_max": 1e6, "tokens": 1e7, "ratios": (5.0, 10.0, 20.0),
     })

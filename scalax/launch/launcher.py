@@ -171,6 +171,10 @@ def launch(cfg: ConfigDict, workdir: str, o: Options, dry_run: bool = False, for
     """Place, price, and (unless `dry_run`) train every unfinished run of the sweep, then fit and plot; returns
     the ledger's records of runs that did not finish."""
     runner.check_sweep_config(cfg)
+    if cfg.sweep.kind == "wsd_branch":
+        raise ConfigError("sweep.kind", "scalax launch does not place wsd_branch sweeps yet (a branch starts from "
+                          "its trunk's checkpoint); allowed: isoflop, fixed_tokens, tokens_per_param, or run the "
+                          "wsd_branch sweep with scalax sweep on one TPU VM")
     check_options(o, workdir, dry_run)
     placed = place(cfg, workdir, o, mfu, price, log)
     log(tpus.format_costs([p.cost for p in placed], o.max_slices, o.spot))

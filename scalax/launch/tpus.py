@@ -104,7 +104,7 @@ class RunCost:
     name: str
     slice: str
     chips: int
-    flops: float  # training FLOPs (scaling.flops "exact": matmuls and attention, forward and backward)
+    flops: float  # training FLOPs (models.flops "exact": matmuls and attention, forward and backward)
     mfu: float
     chip_hours: float
     dollars: float

@@ -52,30 +52,38 @@ def runs_of_ledger(records: Sequence[dict], sweep: dict) -> fit_lib.Runs:
     """The finished runs of a sweep ledger as the fit sees them: N under `sweep.params`, C the nominal budget
     for an IsoFLOP sweep and the realised FLOPs under `sweep.flops` otherwise."""
     params_key, flops_key = conventions(sweep).params, conventions(sweep).flops
-    return fit_lib.runs_from_records(records, params_key, "budget" if sweep.get("kind") == "isoflop" else flops_key)
+    return fit_lib.runs_from_records(records, params_key, "budget" if _isoflop(sweep) else flops_key)
+
+
+def _isoflop(sweep: dict) -> bool:
+    """An IsoFLOP grid: an isoflop sweep, or a wsd_branch sweep's branches of one."""
+    return sweep.get("kind") == "isoflop" or (sweep.get("kind") == "wsd_branch"
+                                              and sweep.get("branch_grid") == "isoflop")
 
 
 def conventions(sweep: dict) -> Conventions:
     """The ledger keys of N and C under a sweep's conventions."""
     return Conventions(params=f"params_{sweep.get('params', 'non_embedding')}",
                        flops=f"flops_{sweep.get('flops', '6n')}", loss="eval nats/token",
-                       grouping="nominal budget" if sweep.get("kind") == "isoflop" else "realised FLOPs")
+                       grouping="nominal budget" if _isoflop(sweep) else "realised FLOPs")
 
 
 def finished_names(records: Sequence[dict]) -> list[str]:
     """Names of the runs `runs_from_records` keeps, in its order (the CSV export's `name` column)."""
-    return [r["name"] for r in records if r.get("status") == "finished"
-            and math.isfinite(r.get("eval_loss", math.nan))]
+    return [r["name"] for r in records if fit_lib.is_point(r)]
 
 
 def write_csv(path: str, runs: fit_lib.Runs, names: Sequence[str]) -> None:
     """The points a fit used, one per line, exactly (repr floats): `scalax fit --csv` of it gives the same fit
-    (with a column unique_tokens when the runs carry theirs)."""
+    (with a column unique_tokens when the runs carry theirs, and group when they are grouped)."""
     columns = [runs.params, runs.tokens, runs.loss, runs.flops]
     if runs.unique_tokens is not None:
         columns.append(runs.unique_tokens)
-    lines = [",".join(CSV_COLUMNS + ("unique_tokens",) * (runs.unique_tokens is not None))]
-    lines += [",".join([name] + [repr(float(x)) for x in row]) for name, *row in zip(names, *columns, strict=True)]
+    lines = [",".join(CSV_COLUMNS + ("unique_tokens",) * (runs.unique_tokens is not None)
+                      + ("group",) * (runs.groups is not None))]
+    for i, name in enumerate(names):
+        group = [str(runs.groups[i])] if runs.groups is not None else []
+        lines.append(",".join([name] + [repr(float(column[i])) for column in columns] + group))
     atomic_write_text(path, "\n".join(lines) + "\n")
 
 

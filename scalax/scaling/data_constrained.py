@@ -131,7 +131,8 @@ def fit(runs: fit_lib.Runs, bootstrap: int = 0, level: float = 0.8, seed: int = 
     if len(runs) < 5:
         raise ConfigError("runs", f"{len(runs)} runs are too few to fit; at least 5 are needed")
     law = fit_data_constrained(runs)
-    result = FitResult(n_runs=len(runs), settings=Settings("data_constrained", bootstrap, level, seed),
+    result = FitResult(n_runs=len(runs), settings=Settings("data_constrained", bootstrap, level, seed,
+                                                                 resampled=runs.resampled()),
                        data_constrained=law)
     if bootstrap <= 0:
         return result
@@ -140,7 +141,7 @@ def fit(runs: fit_lib.Runs, bootstrap: int = 0, level: float = 0.8, seed: int = 
     for _ in tqdm.tqdm(range(bootstrap), desc="bootstrap", unit="fit", leave=False,
                        disable=not sys.stderr.isatty()):
         try:
-            refit = fit_data_constrained(runs.take(rng.integers(0, len(runs), len(runs))), start=law)
+            refit = fit_data_constrained(runs.take(runs.resample(rng)), start=law)
         except ConfigError:
             continue
         for k, v in samples.items():

@@ -71,31 +71,49 @@ APPROACHES = ("1", "2", "3", "all")
 @dataclasses.dataclass(frozen=True)
 class Runs:
     """Arrays of equal length: params N, tokens D, loss L, flops C, and (when known) the unique training tokens
-    U_D each run drew its D from (D / U_D epochs)."""
+    U_D each run drew its D from (D / U_D epochs) and each run's group: runs that share their noise (the
+    branches of one wsd_branch trunk) have one label, and the bootstrap resamples whole groups."""
 
     params: np.ndarray
     tokens: np.ndarray
     loss: np.ndarray
     flops: np.ndarray
     unique_tokens: np.ndarray | None = None
+    groups: np.ndarray | None = None  # labels (str)
 
     def __len__(self) -> int:
         return len(self.loss)
 
     def take(self, idx) -> Runs:
         return Runs(self.params[idx], self.tokens[idx], self.loss[idx], self.flops[idx],
-                    None if self.unique_tokens is None else self.unique_tokens[idx])
+                    None if self.unique_tokens is None else self.unique_tokens[idx],
+                    None if self.groups is None else self.groups[idx])
 
     @classmethod
-    def of(cls, params, tokens, loss, flops=None, unique_tokens=None) -> Runs:
+    def of(cls, params, tokens, loss, flops=None, unique_tokens=None, groups=None) -> Runs:
         params, tokens, loss = (np.asarray(x, np.float64) for x in (params, tokens, loss))
         flops = 6 * params * tokens if flops is None else np.asarray(flops, np.float64)
         return cls(params, tokens, loss, flops, None if unique_tokens is None else np.asarray(unique_tokens,
-                                                                                               np.float64))
+                                                                                               np.float64),
+                   None if groups is None else np.asarray(groups, str))
+
+    def resampled(self) -> str:
+        """What `resample` draws, in words."""
+        return "runs" if self.groups is None else f"groups of runs ({len(set(self.groups))} trunks)"
+
+    def resample(self, rng: np.random.Generator) -> np.ndarray:
+        """Indices of one bootstrap resample: as many runs, drawn with replacement; with groups, as many
+        groups, each drawn whole."""
+        if self.groups is None:
+            return rng.integers(0, len(self), len(self))
+        _, group_of = np.unique(self.groups, return_inverse=True)
+        members = [np.flatnonzero(group_of == g) for g in range(group_of.max() + 1)]
+        return np.concatenate([members[g] for g in rng.integers(0, len(members), len(members))])
 
 
 def read_csv(path: str) -> Runs:
-    """Runs from a CSV with columns params, tokens, loss (and optionally flops, unique_tokens)."""
+    """Runs from a CSV with columns params, tokens, loss (and optionally flops, unique_tokens, and group: runs
+    that share their noise, resampled together)."""
     io.check_input(path, "--csv")
     if not io.isfile(path):
         raise ConfigError("--csv", f"no such file: {path}")
@@ -117,7 +135,7 @@ def read_csv(path: str) -> Runs:
                 raise ConfigError("--csv", f"{path}:{line_no}: {n} = {row[n]!r} must be a positive number")
             values[n].append(v)
     return Runs.of(values["params"], values["tokens"], values["loss"], values.get("flops"),
-                   values.get("unique_tokens"))
+                   values.get("unique_tokens"), [row["group"] for row in rows] if "group" in columns else None)
 
 
 def drop_outliers(runs: Runs, drop_highest: int = 0) -> Runs:
@@ -406,7 +424,8 @@ def fit(runs: Runs, approach: str = "all", bootstrap: int = 0, level: float = 0.
         raise ConfigError("--approach", f"unknown approach {approach!r}; allowed: {', '.join(APPROACHES)}")
     if len(runs) < 5:
         raise ConfigError("runs", f"{len(runs)} runs are too few to fit; at least 5 are needed")
-    result = FitResult(n_runs=len(runs), settings=Settings(approach, bootstrap, level, seed))
+    result = FitResult(n_runs=len(runs), settings=Settings(approach, bootstrap, level, seed,
+                                                                 resampled=runs.resampled()))
     if approach in ("1", "all"):
         result.approach1 = fit_approach1(runs)
     if approach in ("2", "all"):
@@ -427,7 +446,7 @@ def _bootstrap(result: FitResult, runs: Runs, theta: np.ndarray | None, resample
     """Percentile intervals at `level` on every approach of `result`, from refits on resampled runs."""
     rng = np.random.default_rng(seed)
     samples: dict[str, list[float]] = {k: [] for k in _flat(result)}
-    indices = [rng.integers(0, len(runs), len(runs)) for _ in range(resamples)]
+    indices = [runs.resample(rng) for _ in range(resamples)]
     laws = _bootstrap_approach3(runs, theta, indices) if theta is not None else [None] * resamples
     for idx, law in zip(indices, laws, strict=True):
         sample = runs.take(idx)
@@ -488,9 +507,17 @@ def predict_largest_budget(runs: Runs, starts: np.ndarray | None = None) -> Pred
 
 
 def runs_from_records(records: Sequence[dict], params_key: str, flops_key: str) -> Runs:
-    """Runs from sweep ledger records that finished with a finite eval loss (with their unique training tokens
-    when every one has them)."""
-    ok = [r for r in records if r.get("status") == "finished" and math.isfinite(r.get("eval_loss", math.nan))]
+    """Runs from sweep ledger records that are points (`is_point`), with their unique training tokens when every
+    one has them, grouped by trunk in a wsd_branch sweep."""
+    ok = [r for r in records if is_point(r)]
     unique = [r.get("unique_train_tokens") for r in ok]
     return Runs.of([r[params_key] for r in ok], [r["tokens"] for r in ok], [r["eval_loss"] for r in ok],
-                   [r[flops_key] for r in ok], unique if ok and None not in unique else None)
+                   [r[flops_key] for r in ok], unique if ok and None not in unique else None,
+                   [r["parent"] for r in ok] if any(r.get("parent") for r in ok) else None)
+
+
+def is_point(record: dict) -> bool:
+    """Whether a ledger record is a point of the fits: a finished run with a finite eval loss, not a wsd_branch
+    trunk (its loss is at a constant learning rate, not at the end of a schedule)."""
+    return (record.get("status") == "finished" and math.isfinite(record.get("eval_loss", math.nan))
+            and record.get("role") != "trunk")

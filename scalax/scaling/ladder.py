@@ -19,8 +19,7 @@ import dataclasses
 import math
 
 from scalax.errors import ConfigError
-from scalax.models import ModelConfig, presets
-from scalax.scaling import flops
+from scalax.models import ModelConfig, flops, presets
 
 ASPECT_MIN, ASPECT_MAX = 32, 128
 MAX_D_MODEL = 8192

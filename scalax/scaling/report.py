@@ -7,6 +7,7 @@ import os
 
 from scalax.scaling.analysis import APPROACH_NAMES, MIN_PARABOLA_POINTS
 from scalax.scaling.results import Approach1, Approach2, Checked, DataConstrainedLaw, FitResult, NoPrediction, PowerLaw
+from scalax.scaling.sweep import branch_cost_line, branch_costs
 
 
 def _fmt(x) -> str:
@@ -36,7 +37,8 @@ def intervals_line(result: FitResult) -> str:
     s = result.settings
     if not s.bootstrap:
         return "no intervals (bootstrap 0)"
-    return f"intervals: {s.level:.0%} percentile bootstrap over runs, {s.bootstrap} resamples, seed {s.seed}"
+    return (f"intervals: {s.level:.0%} percentile bootstrap over {s.resampled}, {s.bootstrap} resamples, "
+            f"seed {s.seed}")
 
 
 def summary(result: FitResult) -> str:
@@ -111,6 +113,7 @@ def render(result: FitResult, records: list[dict], plot_paths: list[str], workdi
         lines += [f"- {w}" for w in result.warnings]
         lines.append("")
     lines += ["## Summary", "", "```", summary(result), "```", ""]
+    lines += _branch_cost_section(records, conv.flops)
     lines += _approach_sections(result)
     lines += ["## Figures", ""]
     lines += [f"![{os.path.basename(p)}]({os.path.relpath(p, workdir)})" for p in plot_paths]
@@ -121,6 +124,20 @@ def render(result: FitResult, records: list[dict], plot_paths: list[str], workdi
                      f"{_fmt(r.get(conv.flops))} | {_fmt(r.get('eval_loss'))} | {_fmt(r.get('eval_bpb'))} | "
                      f"{_fmt(r.get('wall_seconds'))} |")
     return "\n".join(lines) + "\n"
+
+
+def _branch_cost_section(records: list[dict], flops_key: str) -> list[str]:
+    """A wsd_branch sweep's compute: each trunk and its cooldowns against its branches trained independently,
+    in units of its shortest branch's C (D for the token counts {1, 2, 4, 8} x D)."""
+    costs = branch_costs(records, flops_key)
+    if not costs:
+        return []
+    lines = ["## Compute of the branched runs", "", branch_cost_line(records, flops_key) + ".", "",
+             "| trunk | branches | spent (x shortest branch) | independent runs (x shortest) | saved |",
+             "|---|---|---|---|---|"]
+    lines += [f"| {c['trunk']} | {c['branches']} | {c['spent'] / c['smallest']:.2f} | "
+              f"{c['independent'] / c['smallest']:.2f} | {1 - c['spent'] / c['independent']:.0%} |" for c in costs]
+    return [*lines, ""]
 
 
 def _approach_sections(result: FitResult) -> list[str]:

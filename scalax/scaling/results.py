@@ -271,6 +271,7 @@ class Settings:
     level: float = 0.8
     seed: int = 0
     drop_highest: int = 0
+    resampled: str = "runs"  # what the bootstrap draws: runs, or whole groups (a wsd_branch sweep's trunks)
 
 
 APPROACHES = ("approach1", "approach2", "approach3", "kaplan", "data_constrained")

@@ -139,21 +139,24 @@ def run_sweep(cfg: ConfigDict, workdir: str, parallel: int | None = None, log=pr
     planned = sweep_lib.plan(cfg)
     ledger = prepare_workdir(cfg, planned, workdir, force, log)
     todo = [r for r in planned if ledger.records[r.name]["status"] != FINISHED]
-    if parallel > 1:  # the longest first: the last runs to start are short ones
-        todo.sort(key=lambda r: -r.flops["flops_exact"])
+    if parallel > 1:  # the longest first: the last runs to start are short ones (branches wait for trunks)
+        todo.sort(key=lambda r: -r.flops["flops_exact"] * (1 - r.branch_step / r.overrides["train.steps"]))
     log(f"sweep: {len(planned)} runs, {len(planned) - len(todo)} already finished, {len(todo)} to train "
         f"({parallel} at a time) in {workdir}")
+    if cfg.sweep.kind == "wsd_branch":
+        flops_key = analysis.conventions(cfg.sweep).flops
+        log(f"sweep: {sweep_lib.branch_cost_line([r.record() for r in planned], flops_key)}")
     bar = tqdm(total=len(planned), initial=len(planned) - len(todo), unit="run", disable=None, file=sys.stderr)
     active: dict[str, Child] = {}
     queue, cpus = list(todo), cpu_sets(parallel)
     try:
         while queue or active:
-            while queue and len(active) < parallel:
-                run = queue.pop(0)
+            while len(active) < parallel and (run := _next_ready(queue, ledger, active, bar, log)):
                 unfit = _does_not_fit(cfg, run, workdir)
-                if unfit:
-                    ledger.update(run.name, status=SKIPPED, error=unfit)
-                    log(f"[{run.name}] skipped: {unfit}")
+                status, error = (SKIPPED, unfit) if unfit else (FAILED, seed_branch(workdir, run))
+                if error:
+                    ledger.update(run.name, status=status, error=error)
+                    log(f"[{run.name}] {status}: {error}")
                     bar.update(1)
                     continue
                 tail = log_tail(workdir, run.name)  # from the log's current end: a resumed run's old lines stay
@@ -161,20 +164,7 @@ def run_sweep(cfg: ConfigDict, workdir: str, parallel: int | None = None, log=pr
                 active[run.name] = Child(*_start(cfg, run, workdir, cpus[slot]), tail, slot)
                 ledger.update(run.name, status=RUNNING)
             time.sleep(0.2)
-            for name, child in list(active.items()):
-                for line in child.tail():
-                    log(f"[{name}] {line}")
-                if child.proc.poll() is None:
-                    continue
-                del active[name]
-                for line in child.tail():
-                    log(f"[{name}] {line}")
-                upload_log(workdir, name)
-                ledger.update(name, **run_result(workdir, name, child.proc.returncode, time.time() - child.started))
-                status = ledger.records[name]["status"]
-                log(f"[{name}] {status}" + (f": {ledger.records[name].get('error', '')}" if status != FINISHED
-                                             else f", eval {ledger.records[name]['eval_loss']:.4f} nats/token"))
-                bar.update(1)
+            _collect(active, workdir, ledger, bar, log)
     finally:
         bar.close()
         for child in active.values():  # interrupted: children checkpoint and stop
@@ -186,6 +176,58 @@ def run_sweep(cfg: ConfigDict, workdir: str, parallel: int | None = None, log=pr
         if multiples and record["status"] == FINISHED and f"eval_loss_{multiples[-1]:g}x" not in record:
             ledger.update(name, **evaluate_lengths(workdir, name, multiples, log))
     return fit_and_plot(workdir, cfg, log)
+
+
+def _collect(active: dict, workdir: str, ledger: Ledger, bar, log) -> None:
+    """Pass on the children's new log lines; record each child that ended (and drop it from `active`)."""
+    for name, child in list(active.items()):
+        for line in child.tail():
+            log(f"[{name}] {line}")
+        if child.proc.poll() is None:
+            continue
+        del active[name]
+        for line in child.tail():
+            log(f"[{name}] {line}")
+        upload_log(workdir, name)
+        ledger.update(name, **run_result(workdir, name, child.proc.returncode, time.time() - child.started))
+        status = ledger.records[name]["status"]
+        log(f"[{name}] {status}" + (f": {ledger.records[name].get('error', '')}" if status != FINISHED
+                                     else f", eval {ledger.records[name]['eval_loss']:.4f} nats/token"))
+        bar.update(1)
+
+
+def _next_ready(queue: list, ledger: Ledger, active: dict, bar, log):
+    """Take the first queued run that may start: any but a wsd_branch branch whose trunk has not finished yet.
+    A branch whose trunk ended otherwise (failed, diverged, stopped, skipped) is recorded as failed, naming it."""
+    for i, run in enumerate(queue):
+        parent = ledger.records.get(run.parent, {}) if run.parent else {}
+        if not run.parent or parent.get("status") == FINISHED:
+            return queue.pop(i)
+        if run.parent in active or any(r.name == run.parent for r in queue):
+            continue
+        queue.pop(i)
+        error = f"its trunk {run.parent} did not finish ({parent.get('status')}: {parent.get('error')})"
+        ledger.update(run.name, status=FAILED, error=error)
+        log(f"[{run.name}] failed: {error}")
+        bar.update(1)
+        return _next_ready(queue, ledger, active, bar, log)
+    return None
+
+
+def seed_branch(workdir: str, run) -> str | None:
+    """A wsd_branch branch's first start: copy its trunk's checkpoint at the branch point into the branch's own
+    DIR/runs/NAME/checkpoints (the trunk's is only read), so the branch resumes from it as from its own; a branch
+    that holds a checkpoint already resumes from that. Returns why it could not (None: seeded, or no branch)."""
+    if not run.parent:
+        return None
+    target = io.join(workdir, "runs", run.name, "checkpoints")
+    if any(name.isdigit() for name in io.listdir(target)):
+        return None
+    source = io.join(workdir, "runs", run.parent, "checkpoints", str(run.branch_step))
+    if not io.isdir(source):
+        return f"its trunk {run.parent} has no checkpoint at the branch point ({source})"
+    io.copytree(source, io.join(target, str(run.branch_step)))
+    return None
 
 
 def prepare_workdir(cfg: ConfigDict, planned: list, workdir: str, force: bool, log=print) -> Ledger:

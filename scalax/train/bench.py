@@ -16,7 +16,7 @@ import jax
 import numpy as np
 from ml_collections import ConfigDict
 
-from scalax.scaling import flops
+from scalax.models import flops
 from scalax.train import memory
 from scalax.train.loop import MFU_CONVENTION
 from scalax.train.metrics import peak_flops_per_device

@@ -1,8 +1,9 @@
 """Checkpoints: an orbax CheckpointManager (async) under `workdir/checkpoints`, one step per directory.
 
-Which steps stay: the newest `keep` step saves (steps that are multiples of `train.checkpoint_every`) and the
-newest save of any kind; a save at another step (a wall-clock save, a preemption save, the last step of a run
-that does not end on a multiple) is replaced by the next save.
+Which steps stay: the newest `keep` step saves (steps that are multiples of `train.checkpoint_every`), the
+newest save of any kind, and every step of `train.checkpoint_steps` (a wsd_branch trunk's branch points); a
+save at another step (a wall-clock save, a preemption save, the last step of a run that does not end on a
+multiple) is replaced by the next save.
 
 Each step holds `state` (the TrainState), `data` (the grain iterator's state) and `meta` (the resolved
 config and the counters: tokens seen, FLOPs seen under each convention, wall seconds). orbax raises on a
@@ -28,23 +29,25 @@ ITEMS = ("state", "data", "meta")
 
 
 class KeepStepSavesAndNewest(ocp.checkpoint_managers.PreservationPolicy):
-    """orbax preservation: the newest `keep` saves at multiples of `every`, and the newest save of any kind."""
+    """orbax preservation: the newest `keep` saves at multiples of `every`, the newest save of any kind, and
+    the `pinned` steps."""
 
-    def __init__(self, keep: int, every: int):
-        self.keep, self.every = keep, every
+    def __init__(self, keep: int, every: int, pinned=()):
+        self.keep, self.every, self.pinned = keep, every, set(pinned)
 
     def should_preserve(self, checkpoints, *, context) -> list[bool]:
         steps = [c.step for c in checkpoints]
         kept = {s for s in steps if s % self.every == 0}
-        kept = set(sorted(kept)[-self.keep:]) | {max(steps, default=None)}
+        kept = set(sorted(kept)[-self.keep:]) | {max(steps, default=None)} | self.pinned
         return [s in kept for s in steps]
 
 
 class Checkpointer:
-    def __init__(self, workdir: str, keep: int, async_save: bool = True, every: int = 1):
-        """`keep` step saves at multiples of `every` (every=1: the newest `keep` saves, whatever their step)."""
+    def __init__(self, workdir: str, keep: int, async_save: bool = True, every: int = 1, pinned=()):
+        """`keep` step saves at multiples of `every` (every=1: the newest `keep` saves, whatever their step), and
+        the saves at the `pinned` steps."""
         self.directory = io.join(io.abspath(workdir), "checkpoints")  # orbax writes gs:// itself (tensorstore)
-        options = ocp.CheckpointManagerOptions(preservation_policy=KeepStepSavesAndNewest(keep, every),
+        options = ocp.CheckpointManagerOptions(preservation_policy=KeepStepSavesAndNewest(keep, every, pinned),
                                                enable_async_checkpointing=async_save, create=True)
         self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=ITEMS)
 

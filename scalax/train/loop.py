@@ -5,7 +5,8 @@ A run on a workdir that holds a checkpoint resumes from it, bit for bit: the sta
 position and the counters are restored, and metrics.jsonl is cut back to the restored step (what may change
 on a resume: resume.py). A NaN or inf loss stops the run before anything non-finite is saved.
 
-Saves: every `train.checkpoint_every` steps (the newest `train.keep_checkpoints` stay), at the last step, every
+Saves: every `train.checkpoint_every` steps (the newest `train.keep_checkpoints` stay), at each step of
+`train.checkpoint_steps` (all kept: a wsd_branch trunk's branch points), at the last step, every
 `train.checkpoint_minutes` of wall time (checked at each log step; each such save replaces the previous one),
 and on preemption. SIGTERM (how Cloud TPU and GKE preempt) saves at a step boundary and exits with status 143:
 in a multi-process run through JAX's preemption sync point, so that every host saves the same step.
@@ -28,8 +29,7 @@ from scalax import config as config_lib
 from scalax import io
 from scalax.data import corpora, pipeline
 from scalax.errors import ScalaxError
-from scalax.models import attention
-from scalax.scaling import flops
+from scalax.models import attention, flops
 from scalax.train import resume
 from scalax.train.checkpoint import Checkpointer
 from scalax.train.metrics import MetricsLog, peak_flops_per_device
@@ -96,7 +96,8 @@ def train(cfg: ConfigDict, workdir: str, log=_log, allow_changes: bool = False) 
     resolved["data"]["unique_train_tokens"] = unique
     resolved["data"]["epochs"] = corpora.epochs(data.header, run.steps * cfg.train.batch_size * cfg.train.seq_len)
     io.make_output_dir(workdir, "--workdir")
-    checkpointer = Checkpointer(workdir, cfg.train.keep_checkpoints, every=cfg.train.checkpoint_every)
+    checkpointer = Checkpointer(workdir, cfg.train.keep_checkpoints, every=cfg.train.checkpoint_every,
+                                pinned=cfg.train.get("checkpoint_steps", ()))
     try:
         _check_resumable(checkpointer, resolved, workdir, allow_changes, log)
         return Trainer(cfg, run, data, resolved, workdir, checkpointer, log).run()
@@ -282,6 +283,7 @@ class Trainer:
         self.pending.append((step, metrics))
         self.counters.tokens += self.tokens_per_step
         logs, saves = step % train_cfg.log_every == 0 or is_last, step % train_cfg.checkpoint_every == 0 or is_last
+        saves = saves or step in train_cfg.get("checkpoint_steps", ())
         preempted = preemption.due(step)
         saves = saves or preempted or (logs and self._time_save_due())
         if logs or saves:

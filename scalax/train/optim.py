@@ -77,13 +77,20 @@ def schedule(optim_cfg, total_steps: int, tokens_per_step: int = 0) -> optax.Sch
             progress = jnp.clip((s - peak_at) / max(last - peak_at, 1), 0.0, 1.0)
             decayed = lr * (final + (1 - final) * 0.5 * (1 + jnp.cos(math.pi * progress)))
         else:  # wsd
-            decay_steps = max(1, round(optim_cfg.wsd_decay_fraction * total_steps))
-            peak_at = max(last - decay_steps, warmup - 1, 0)
+            peak_at = branch_point(optim_cfg, total_steps, tokens_per_step) - 1
             progress = jnp.clip((s - peak_at) / max(last - peak_at, 1), 0.0, 1.0)
             decayed = lr * (final + (1 - final) * cooldown(progress))
-        return jnp.where(s < warmup, warm, decayed)
+        return jnp.where(s < warmup, warm, jnp.where(s <= peak_at, lr, decayed))  # the peak exactly: as constant's
 
     return fn
+
+
+def branch_point(optim_cfg, total_steps: int, tokens_per_step: int = 0) -> int:
+    """Steps a `wsd` run of `total_steps` trains before its cooldown starts (its last peak step, plus one): a
+    constant-schedule run with the same warmup and peak has taken exactly the same steps until then, so the
+    cooldown can branch from that run's checkpoint at this step."""
+    decay_steps = max(1, round(optim_cfg.wsd_decay_fraction * total_steps))
+    return max(total_steps - 1 - decay_steps, warmup_steps(optim_cfg, tokens_per_step) - 1, 0) + 1
 
 
 def decay_mask(params, decay_embeddings: bool = False):

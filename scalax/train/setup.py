@@ -58,6 +58,9 @@ def validate(cfg: ConfigDict) -> None:
                           f"{jax.process_count()}")
     if train_cfg.get("checkpoint_minutes", 0) < 0:  # .get: resolved configs written before the key existed
         raise ConfigError("train.checkpoint_minutes", f"must be >= 0 (0: off), got {train_cfg.checkpoint_minutes}")
+    if any(not isinstance(s, int) or s <= 0 for s in train_cfg.get("checkpoint_steps", ())):
+        raise ConfigError("train.checkpoint_steps", f"must be positive step numbers, got "
+                          f"{tuple(train_cfg.checkpoint_steps)}")
     if train_cfg.z_loss < 0:
         raise ConfigError("train.z_loss", f"must be >= 0, got {train_cfg.z_loss}")
     if not 0 < cfg.data.val_fraction < 1:

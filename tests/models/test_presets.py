@@ -7,8 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from scalax.config import load, model_config
-from scalax.models import Decoder, ModelConfig, positions, presets
-from scalax.scaling import flops
+from scalax.models import Decoder, ModelConfig, flops, positions, presets
 
 # Published counts: Hugging Face's model cards / parameter counts of the released checkpoints.
 PUBLISHED = {

@@ -8,9 +8,8 @@ import sys
 import pytest
 
 from scalax.errors import ConfigError
-from scalax.models import ModelConfig, presets
+from scalax.models import ModelConfig, flops, presets
 from scalax.parallel import devices as plan_lib
-from scalax.scaling import flops
 from tests.conftest import REPO
 
 GIB = 2**30

@@ -25,7 +25,8 @@ def test_a_result_as_json_leaves_out_what_does_not_apply():
                        prediction=NoPrediction(reason="no frontier", fitted_on_budgets=2), warnings=["w"])
     assert jsonable(result) == {
         "n_runs": 12,
-        "settings": {"approach": "3", "bootstrap": 10, "level": 0.8, "seed": 1, "drop_highest": 0},
+        "settings": {"approach": "3", "bootstrap": 10, "level": 0.8, "seed": 1, "drop_highest": 0,
+                     "resampled": "runs"},
         "conventions": {"params": "params", "flops": "flops", "loss": "loss", "grouping": "the flops column"},
         "approach3": {"E": 1.5, "A": 400.0, "B": 2000.0, "alpha": 0.5, "beta": 0.25, "a": 0.25 / 0.75,
                       "b": 0.5 / 0.75, "objective": None, "warnings": [], "ok": True,

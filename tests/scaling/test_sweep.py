@@ -14,7 +14,8 @@ import pytest
 from scalax import config as config_lib
 from scalax import io
 from scalax.errors import ConfigError
-from scalax.scaling import flops, ladder
+from scalax.models import flops
+from scalax.scaling import ladder
 from scalax.scaling import sweep as sweep_lib
 from tests.conftest import REPO
 

@@ -8,7 +8,7 @@ import pytest
 
 from scalax import cli
 from scalax import config as config_lib
-from scalax.scaling import flops
+from scalax.models import flops
 from scalax.train.loop import MFU_CONVENTION
 
 SMALL = ["--config.model.d_model=32", "--config.model.n_layers=1", "--config.model.n_heads=2",

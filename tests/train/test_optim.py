@@ -84,6 +84,22 @@ def test_warmup_in_tokens_is_shared_by_runs_of_any_length():
         np.testing.assert_allclose(got[:11], 1e-3 * np.arange(1, 12) / 11, rtol=1e-6)
 
 
+@pytest.mark.parametrize("shape", ["linear", "1-sqrt"])
+@pytest.mark.parametrize("steps,warmup,fraction,final", [(100, 10, 0.2, 0.0), (57, 5, 0.2, 0.1), (20, 19, 0.2, 0.1),
+                                                         (9, 0, 0.5, 0.3)])
+def test_a_wsd_run_equals_a_constant_run_bit_for_bit_until_its_branch_point(shape, steps, warmup, fraction, final):
+    """A cooldown branched from a constant-LR trunk at `branch_point` steps is the WSD run: the same learning rate
+    (as float32 bits) at every earlier step, below the peak from there on; the branch point is where the closed
+    form's cooldown starts (the last peak step, steps - 1 - round(fraction x steps), or warmup's end, plus one)."""
+    cfg = optim_config(schedule="wsd", lr=3e-3, warmup_steps=warmup, final_lr_fraction=final,
+                       wsd_decay_fraction=fraction, wsd_decay_shape=shape)
+    wsd, constant = lrs(cfg, steps), lrs(optim_config(schedule="constant", lr=3e-3, warmup_steps=warmup), 2 * steps)
+    b = optim.branch_point(cfg, steps)
+    assert b == max(steps - 1 - round(fraction * steps), warmup - 1, 0) + 1 and 1 <= b < steps
+    np.testing.assert_array_equal(wsd[:b], constant[:b])  # exactly: float32s, compared as float64
+    assert wsd[b - 1] == np.float32(3e-3) and np.all(wsd[b:] < np.float32(3e-3))
+
+
 def test_constant_schedule():
     lr = lrs(optim_config(schedule="constant", lr=1e-3, warmup_steps=4), 20)
     np.testing.assert_allclose(lr, [2.5e-4, 5e-4, 7.5e-4] + [1e-3] * 17, rtol=1e-6)

@@ -5,8 +5,7 @@ import jax.numpy as jnp
 import pytest
 
 from scalax.config import load, model_config
-from scalax.models import Decoder, ModelConfig
-from scalax.scaling import flops
+from scalax.models import Decoder, ModelConfig, flops
 
 # DeepSeek LLM 2024, table 3: n_layer 8, d_model 512, vocab 102400, seq 4096.
 L, D, V, SEQ = 8, 512, 102400, 4096

@@ -4,7 +4,7 @@
     scalax sweep --config=configs/sweeps/wsd.py --workdir=runs/wsd
 
 The points (names, N, D, budgets) are the quickstart's; a shape's branches share its trunk's batch, learning rate
-(the ladder's for its largest budget) and warmup (5% of its shortest branch). `sweep.branch_grid` picks another
+(the ladder's for its largest budget) and warmup (5% of its longest branch). `sweep.branch_grid` picks another
 grid (tokens_per_param with ratios (r, 2r, 4r, 8r) trains four token counts of each size for 9.4 r N tokens).
 """
 

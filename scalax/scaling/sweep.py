@@ -11,7 +11,8 @@ Kinds (`sweep.kind`):
   and keeps a checkpoint at each; each branch (the grid's run name) is the `wsd` run of its length (the base's
   `optim.wsd_decay_fraction` and `wsd_decay_shape`), started from the trunk's checkpoint where its cooldown
   begins (optim.branch_point), so it equals that run trained alone, bit for bit. A shape's branches share its
-  trunk's batch and learning rate (the ladder's, for its largest budget) and warmup (5% of its shortest branch).
+  trunk's batch, learning rate and warmup: the ladder's for its largest budget and longest branch (5% of its
+  steps: a warmup of 5% of the shortest branch cost up to 0.12 nats on the quickstart's longest ones).
   The trunk is not a point of the fits; `branch_costs` says what the sweep saves against independent runs.
 
 Steps are whole, so each run's D and C are recomputed from its steps: they are what was trained.
@@ -181,7 +182,7 @@ def _trunk_and_branches(cfg: ConfigDict, name: str, group: list[PlannedRun]) -> 
         raise ConfigError("sweep.kind", f"wsd_branch: {short.name} ({short.tokens:.3g} tokens) is {min(steps)} "
                           f"step(s) of its trunk's batch ({batch} x {seq_len} tokens); a branch needs at least 2")
     common = {"train.tokens": 0, "train.batch_size": batch, "optim.lr": ladder.learning_rate(top),
-              "optim.warmup_steps": ladder.warmup_steps(min(steps)), "optim.warmup_tokens": 0,
+              "optim.warmup_steps": ladder.warmup_steps(max(steps)), "optim.warmup_tokens": 0,
               "train.seed": cfg.sweep.seed}
     optim_cfg = ConfigDict({**cfg.base.optim.to_dict(), "warmup_steps": common["optim.warmup_steps"],
                             "warmup_tokens": 0})

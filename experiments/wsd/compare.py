@@ -64,7 +64,7 @@ def summarise(name: str, directory: str) -> dict:
                           "tokens": r["tokens"], "budget": r["budget"]} for r in records if fit_lib.is_point(r)}
     frontier = {c: _frontier(law, c) for c in sorted({p["budget"] for p in points.values()})}
     ci = intervals(runs)
-    return {"name": name, "directory": directory,
+    return {"name": name, "directory": os.path.relpath(directory),
             "n_star": n_star_by_budget(runs), "n_star_interval": ci,
             "approach3": {k: law[k] for k in ("E", "A", "B", "alpha", "beta", "a")},
             "approach3_n_opt": {f"{c:.3g}": n for c, n in frontier.items()},

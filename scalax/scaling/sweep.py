@@ -12,7 +12,7 @@ Kinds (`sweep.kind`):
   `optim.wsd_decay_fraction` and `wsd_decay_shape`), started from the trunk's checkpoint where its cooldown
   begins (optim.branch_point), so it equals that run trained alone, bit for bit. A shape's branches share its
   trunk's batch, learning rate and warmup: the ladder's for its largest budget and longest branch (5% of its
-  steps: a warmup of 5% of the shortest branch cost up to 0.12 nats on the quickstart's longest ones).
+  steps: a warmup of 5% of the shortest branch cost up to 0.13 nats on the quickstart's longest ones).
   The trunk is not a point of the fits; `branch_costs` says what the sweep saves against independent runs.
 
 Steps are whole, so each run's D and C are recomputed from its steps: they are what was trained.

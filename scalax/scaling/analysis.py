@@ -24,6 +24,7 @@ from scalax.errors import ConfigError
 from scalax.io import atomic_write_text
 from scalax.scaling import data_constrained
 from scalax.scaling import fit as fit_lib
+from scalax.scaling import sweep as sweep_lib
 from scalax.scaling.results import (
     Approach1,
     Approach2,
@@ -57,8 +58,7 @@ def runs_of_ledger(records: Sequence[dict], sweep: dict) -> fit_lib.Runs:
 
 def _isoflop(sweep: dict) -> bool:
     """An IsoFLOP grid: an isoflop sweep, or a wsd_branch sweep's branches of one."""
-    return sweep.get("kind") == "isoflop" or (sweep.get("kind") == "wsd_branch"
-                                              and sweep.get("branch_grid") == "isoflop")
+    return sweep_lib.grid_kind(sweep) == "isoflop"
 
 
 def conventions(sweep: dict) -> Conventions:

@@ -50,8 +50,8 @@ class PlannedRun:
     branch_step: int = 0  # ... and the trunk's step it starts from
 
     def record(self) -> dict:
-        branch = {"role": self.role, "parent": self.parent, "branch_step": self.branch_step} if self.parent or \
-            self.role != "run" else {}
+        branch = {"role": self.role, "parent": self.parent, "branch_step": self.branch_step} if self.role != "run" \
+            else {}
         return {"name": self.name, "overrides": self.overrides, **self.counts, "tokens": self.tokens,
                 **self.flops, "budget": self.budget, **branch}
 

@@ -63,6 +63,7 @@ BAD = [
     (["--config=configs/gpt.py", "--config.train.seq_len=4096"], "train.seq_len", "at most 256"),
     (["--config=configs/gpt.py", "--config.model.n_layer=3"], "model.n_layer", "n_layers"),
     (["--config=configs/gpt.py", "--config.model.n_layers=two"], "model.n_layers", "integer"),
+    (["--config=configs/gpt.py", "--config.model.scan_unroll=-1"], "model.scan_unroll", "positive integer"),
     (["--config=configs/gpt.py:preset=gpt5"], "preset", "gpt2-small"),
     (["--config=configs/gpt.py:size=huge"], "size", "tiny"),
     (["--config=configs/nope.py"], "--config", "no such config file"),

@@ -80,6 +80,10 @@ class ModelConfig:
     dtype: str = "bfloat16"  # compute
     param_dtype: str = "float32"
     scan_layers: bool = True
+    # layers per step of the scanned loop (nn.scan's unroll); 0: auto, all of them (straight-line code: faster
+    # on CPU, no stacked residual buffers to fill) up to decoder.STRAIGHT_LINE_LAYERS layers, else one, so that
+    # compile time stays flat in depth (docs/benchmarks.md)
+    scan_unroll: int = 0
     remat: str = "none"
     attention: str = "auto"  # auto | einsum | dot_product | chunked | splash (models/attention.py)
     attention_block: int = 512  # chunked and splash: queries and keys per block
@@ -137,6 +141,9 @@ class ModelConfig:
         positions.scheme_of(self).validate(self)  # its keys (RoPE's rotation and scaling, T5's buckets)
         if self.attention_block <= 0:
             raise ConfigError("model.attention_block", f"must be a positive integer, got {self.attention_block}")
+        if self.scan_unroll < 0:
+            raise ConfigError("model.scan_unroll",
+                              f"must be a positive integer (or 0 for auto), got {self.scan_unroll}")
         if self.attention == "splash" and positions.scheme_of(self).has_bias:
             raise ConfigError("model.attention", f"splash adds no attention bias, which position={self.position!r} "
                               "needs; allowed with it: auto, einsum, dot_product, chunked")

@@ -24,6 +24,19 @@ REMAT_POLICIES = {
 }
 
 
+# model.scan_unroll 0 (auto): a model of up to this many layers is straight-line code. On 2 CPU cores that made
+# the quickstart's steps 1.1-1.6x faster; a loop of 4-layer bodies compiled 1.5x slower at 32 layers than one of
+# single layers (docs/benchmarks.md), so deeper models keep one layer per loop step.
+STRAIGHT_LINE_LAYERS = 4
+
+
+def scan_unroll(cfg: ModelConfig) -> int:
+    """Layers per step of the scanned loop: model.scan_unroll, or its automatic choice when that is 0."""
+    if cfg.scan_unroll:
+        return min(cfg.scan_unroll, cfg.n_layers)
+    return cfg.n_layers if cfg.n_layers <= STRAIGHT_LINE_LAYERS else 1
+
+
 class Block(nn.Module):
     """One transformer layer. Pre-norm: x + f(norm(x)); post-norm: norm(x + f(x)); parallel:
     x + attn(norm(x)) + mlp(norm(x)) with one shared norm (GPT-J, PaLM). Returns (x, None) for nn.scan."""
@@ -84,6 +97,7 @@ class Decoder(nn.Module):
                 split_rngs={"params": not cfg.share_layers},
                 in_axes=(nn.broadcast, nn.broadcast, nn.broadcast),
                 length=cfg.n_layers,
+                unroll=scan_unroll(cfg),
                 metadata_params={nn.PARTITION_NAME: "layers"},
             )(cfg, decode=self.decode, name="layers")
         else:

@@ -157,6 +157,12 @@ def test_process_slices_make_the_global_batch():
         assert halves[0][b].shape == (4, 11)
 
 
+@pytest.mark.parametrize("cpus,threads", [({0}, 1), ({0, 1}, 2), (set(range(8)), 2)])
+def test_read_threads_follow_the_cpus_the_process_may_use(monkeypatch, cpus, threads):
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: cpus, raising=False)
+    assert pipeline.read_threads() == threads
+
+
 def test_iterator_restored_mid_epoch_yields_the_same_batches():
     tokens = np.arange(5001)
     ds = pipeline.train_dataset(tokens, 16, 4, seed=7)  # 312 windows: 78 batches an epoch

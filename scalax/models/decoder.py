@@ -25,8 +25,8 @@ REMAT_POLICIES = {
 
 
 # model.scan_unroll 0 (auto): a model of up to this many layers is straight-line code. On 2 CPU cores that made
-# the quickstart's steps 1.1-1.6x faster; a loop of 4-layer bodies compiled 1.5x slower at 32 layers than one of
-# single layers (docs/benchmarks.md), so deeper models keep one layer per loop step.
+# the quickstart's steps 1.1-1.6x faster; at 32 layers a loop of 4-layer bodies compiled in 1.53x the 4-layer
+# model's time, a loop of single layers in 0.84x (docs/benchmarks.md), so deeper models keep one layer per step.
 STRAIGHT_LINE_LAYERS = 4
 
 

@@ -3,7 +3,8 @@ modules, an optax AdamW, one jitted step) and a nanoGPT-style PyTorch eager step
 
     python benchmarks/peers.py [--rounds 3] [--steps 10] [--dtypes float32,bfloat16]
 
-GPT family, d_model 256, 4 layers, 4 heads, context 256, batch 8, vocabulary 256 (issue #14's shapes). Variants
+GPT family, d_model 256, 4 layers, 4 heads, context 256, batch 8, vocabulary 256 (issue #14's shapes); scalax with
+`model.scan_unroll=0` (auto: its 4 layers as straight-line code). Variants
 alternate within each round and the median round counts; the float32 2048² matmul peak is measured in the same
 run, and each step's FLOP/s (6N + unembedding + causal attention per token) is quoted against it.
 """
@@ -33,7 +34,8 @@ D, L, H, T, B, V = 256, 4, 4, 256, 8, 256
 
 def scalax_variant(dtype: str) -> Bench:
     cfg = config_lib.load("configs/gpt.py", [f"--config.model.{k}={v}" for k, v in dict(
-        d_model=D, n_layers=L, n_heads=H, d_ff=4 * D, max_seq_len=T, vocab_size=V, dtype=dtype).items()]
+        d_model=D, n_layers=L, n_heads=H, d_ff=4 * D, max_seq_len=T, vocab_size=V, dtype=dtype,
+        scan_unroll=0).items()]
         + [f"--config.train.batch_size={B}", f"--config.train.seq_len={T}"])
     return Bench(f"scalax {dtype}", cfg)
 

@@ -485,6 +485,7 @@ def _build(data_cfg, tokenizer, directory: str, local: str, current_fingerprint:
 
 
 def available_cores() -> int:
+    """The CPUs this process may use (its affinity set where the OS has one)."""
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 

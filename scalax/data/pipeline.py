@@ -8,11 +8,10 @@ rows p, p + P, ... of it, so the global batch is the same whatever the process c
 
 from __future__ import annotations
 
-import os
-
 import grain
 import numpy as np
 
+from scalax.data.corpora import available_cores
 from scalax.errors import ConfigError
 
 
@@ -56,8 +55,7 @@ def train_dataset(tokens: np.ndarray, seq_len: int, global_batch: int, seed: int
 def read_threads() -> int:
     """Reader threads: 2, or 1 where this process may use one CPU (a sweep's runs pinned one to a core), where a
     second thread only contends with the train loop (the quickstart's smallest model: 1.15x the steps/s)."""
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return min(2, cpus)
+    return min(2, available_cores())
 
 
 def iterator(ds: grain.MapDataset, prefetch: int = 16) -> grain.DatasetIterator:

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 
 from scalax import __version__, io
 from scalax.errors import ConfigError, ScalaxError
+from scalax.train import host_memory
 
 if TYPE_CHECKING:  # the models pull in jax: `scalax --version` and `--help` start without it
     from scalax.models.config import ModelConfig
@@ -641,6 +642,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 COMPILES = ("train", "plan", "generate", "eval")  # the commands that compile a model's program
+RUNS_STEPS = ("train", "bench", "generate", "eval", "coordcheck")  # the commands that run compiled steps many times
 
 
 def use_compilation_cache() -> None:
@@ -665,6 +667,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command in COMPILES:
             use_compilation_cache()
+        if args.command in RUNS_STEPS:
+            host_memory.keep_freed_memory()
         return args.func(args, overrides)
     except ScalaxError as e:
         if args.verbose:

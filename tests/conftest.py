@@ -21,11 +21,13 @@ from flax import linen as nn
 
 from scalax import io
 from scalax.models import Decoder, ModelConfig
+from scalax.train.host_memory import keep_freed_memory
 from scalax.train.program import init_compiler_options
 
 # The tests' own compiles share JAX's persistent cache with the `scalax` processes they start (cli.py): the many
 # tests that build the same small programs compile each once per machine instead of once per test.
 jax.config.update("jax_compilation_cache_dir", os.path.join(io.cache_root(), "jax"))
+keep_freed_memory()  # as the `scalax` commands that run steps do (cli.py): steps reuse freed memory
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

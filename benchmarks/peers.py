@@ -26,6 +26,7 @@ from flax import linen as nn
 from scalax import config as config_lib
 from scalax.models import flops
 from scalax.train.bench import Bench
+from scalax.train.host_memory import keep_freed_memory
 from scalax.train.loop import MFU_CONVENTION
 from scalax.train.metrics import measure_matmul_flops
 
@@ -164,6 +165,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--dtypes", default="float32,bfloat16")
     args = parser.parse_args()
+    keep_freed_memory()  # as `scalax bench` and `scalax train` do; the peers share the process, so the setting
     peak = measure_matmul_flops(jnp.float32, n=2048, repeats=10)
     dtypes = args.dtypes.split(",")
     variants = {}

@@ -41,9 +41,9 @@ def intervals_line(result: FitResult) -> str:
             f"seed {s.seed}")
 
 
-def summary(result: FitResult) -> str:
-    """Every approach with its intervals, the held-out prediction and the warnings: what `scalax fit` and
-    `scalax sweep` print."""
+def summary(result: FitResult, warnings: bool = True) -> str:
+    """Every approach with its intervals, the held-out prediction and (unless `warnings` is False: report.md
+    lists them in a section of their own) the warnings: what `scalax fit` and `scalax sweep` print."""
     conv = result.conventions
     lines = [f"{result.n_runs} runs; N = {conv.params}, C = {conv.flops} (grouped by {conv.grouping}); "
              f"{intervals_line(result)}"]
@@ -83,7 +83,8 @@ def summary(result: FitResult) -> str:
         lines.append(f"prediction at the largest budget: approach 3 fitted on the {pred.fitted_on_budgets} smaller "
                      f"budgets predicts {pred.predicted_best_loss:.4f} at C = {_fmt(pred.flops)}; the best run "
                      f"there reached {pred.observed_best_loss:.4f} ({pred.relative_error:+.2%})")
-    lines += [f"warning: {w}" for w in result.warnings]
+    if warnings:
+        lines += [f"warning: {w}" for w in result.warnings]
     return "\n".join(lines)
 
 
@@ -100,9 +101,10 @@ def _data_constrained_lines(p: DataConstrainedLaw, flag: str) -> list[str]:
 def render(result: FitResult, records: list[dict], plot_paths: list[str], workdir: str) -> str:
     """report.md: the summary and warnings, a table per approach, the figures, the runs."""
     conv = result.conventions
+    trunks = sum(r.get("role") == "trunk" for r in records)  # wsd_branch trunks: trained, not points of the fits
     lines = ["# Sweep report", "",
-             f"{result.n_runs} finished runs of {len(records)}; N = `{conv.params}`, C = `{conv.flops}`, "
-             f"loss = {conv.loss}; {intervals_line(result)}.", ""]
+             f"{result.n_runs} finished runs of {len(records) - trunks}" + (f" (and {trunks} trunks)" if trunks else "")
+             + f"; N = `{conv.params}`, C = `{conv.flops}`, loss = {conv.loss}; {intervals_line(result)}.", ""]
     failed = [r for r in records if r.get("status") != "finished"]
     if failed:
         lines += ["Not finished: " + ", ".join(f"{r['name']} ({r.get('status')}: {r.get('error')})" for r in failed),
@@ -112,7 +114,7 @@ def render(result: FitResult, records: list[dict], plot_paths: list[str], workdi
                   "the figures draw no fitted line for them.", ""]
         lines += [f"- {w}" for w in result.warnings]
         lines.append("")
-    lines += ["## Summary", "", "```", summary(result), "```", ""]
+    lines += ["## Summary", "", "```", summary(result, warnings=False), "```", ""]
     lines += _branch_cost_section(records, conv.flops)
     lines += _approach_sections(result)
     lines += ["## Figures", ""]

@@ -49,15 +49,20 @@ def width_config(cfg: ConfigDict, width: int, seed: int, steps: int) -> ConfigDi
 
 
 def activations(model: Decoder, params, tokens_BxT) -> dict[str, float]:
-    """Mean |x| of every module's output (and the logits), by module path."""
+    """Mean |x| of every module's output (and the logits), by module path. A module whose output is its last
+    submodule's (attn is attn/o, mlp is mlp/wo) is listed once, under the submodule's path."""
     logits, state = model.apply({"params": params}, tokens_BxT, capture_intermediates=True)
-    out = {"logits": float(jnp.mean(jnp.abs(logits.astype(jnp.float32))))}
-    flat = jax.tree_util.tree_flatten_with_path(state["intermediates"])[0]
-    for path, x in flat:
+    outputs = {}
+    for path, x in jax.tree_util.tree_flatten_with_path(state["intermediates"])[0]:
         names = [p.key for p in path if hasattr(p, "key")]
         if names[-1] != "__call__" or len(names) == 1 or not hasattr(x, "dtype"):
             continue  # the decoder's own output is the logits; a block's (x, None) leaves only x
-        out["/".join(names[:-1])] = float(jnp.mean(jnp.abs(x.astype(jnp.float32))))
+        outputs["/".join(names[:-1])] = x
+    same_as_a_child = {parent for parent, x in outputs.items() for child, y in outputs.items()
+                       if child.startswith(parent + "/") and x.shape == y.shape and bool(jnp.array_equal(x, y))}
+    out = {"logits": float(jnp.mean(jnp.abs(logits.astype(jnp.float32))))}
+    out.update({name: float(jnp.mean(jnp.abs(x.astype(jnp.float32)))) for name, x in outputs.items()
+                if name not in same_as_a_child})
     return out
 
 

@@ -108,6 +108,8 @@ def test_a_degenerate_sweep_is_flagged_and_draws_no_frontier(capsys, tmp_path):
     assert not os.path.exists(sweep / "plots" / "law_contours.svg")
     report = open(sweep / "report.md").read()
     assert "## Warnings" in report
+    for warning in result["warnings"]:  # each once, in its section (not again in the summary's block)
+        assert report.count(warning) == 1, warning
     rc = cli.main(["fit", str(sweep)])
     out = capsys.readouterr().out
     assert rc == 0 and out.count("warning: ") == len(result["warnings"])  # warnings: printed, exit 0

@@ -102,7 +102,7 @@ def branched_records(seed=0):
         for d in (1e6, 3e6, 1e7):
             loss = 1.5 + 400 / n**0.4 + 600 / d**0.35 + rng.normal(0, 0.01)
             records.append({"name": f"b{n:g}-{d:g}", "role": "branch", "parent": f"t{n:g}", "branch_step": 1,
-                            "status": "finished", "eval_loss": loss, "params_non_embedding": n, "tokens": d,
+                            "overrides": {"train.steps": 2}, "status": "finished", "eval_loss": loss, "params_non_embedding": n, "tokens": d,
                             "flops_6n": 6 * n * d, "budget": 6 * n * d})
     return records
 
@@ -120,6 +120,8 @@ def test_fits_use_branches_and_the_bootstrap_resamples_whole_trunks(tmp_path):
         assert len(idx) == 9 and all(group in ({0, 1, 2}, {3, 4, 5}, {6, 7, 8}) for group in drawn)
     result = analysis.analyse(runs, bootstrap=20, seed=0)
     assert result.settings.resampled == "groups of runs (3 trunks)"
+    result.conventions = analysis.conventions(sweep)
+    assert "9 finished runs of 9 (and 3 trunks);" in report.render(result, records, [], str(tmp_path))
     assert "bootstrap over groups of runs (3 trunks)" in report.intervals_line(result)
     # `fit --csv` of the export: the same groups, the same fit
     analysis.write_csv(str(tmp_path / "runs.csv"), runs, analysis.finished_names(records))

@@ -23,6 +23,8 @@ def test_mup_activations_stay_flat_and_sp_logits_grow(capsys, tmp_path):
     assert (out / "coordcheck.png").read_bytes()[:4] == b"\x89PNG"
     mup = printed["activations"]
     assert {"embed", "layer_0/attn/q", "layer_0/mlp/wo", "final_norm", "logits"} <= set(mup)
+    assert "layer_0/attn" not in mup and "layer_0/mlp" not in mup  # the same arrays as attn/o and mlp/wo
+    assert "layer_0" in mup  # a block's output is its own (the residual sum), kept
     for name, a in mup.items():
         assert abs(a["slope"]) < 0.1, (name, a)
         assert a["slope"] == pytest.approx(coordcheck.slope(printed["widths"], a["mean_abs"]))

@@ -4,6 +4,7 @@ else that goes wrong prints one line and exits 1 (`--verbose` shows the tracebac
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import re
@@ -441,10 +442,11 @@ def cmd_eval(args: argparse.Namespace, overrides: list[str]) -> int:
         raise ConfigError("--stride", f"got {args.stride}; allowed: a fraction of the length in (0, 1]")
     out = args.out or io.join(args.checkpoint, "eval")
     io.make_output_dir(out, "--out")  # (before the work: an unwritable --out is told at once)
-    data = corpora.load_splits(cfg.data, log=lambda m: print(m, file=sys.stderr))
+    log = functools.partial(print, file=sys.stderr)
+    data = corpora.load_splits(cfg.data, log=log)
     results = lengths_lib.evaluate_lengths(model_cfg, params, data.val, data.header["max_token_id"], lengths,
                                            args.windows or cfg.train.eval_windows, cfg.train.batch_size * train_length,
-                                           args.stride, log=lambda m: print(m, file=sys.stderr))
+                                           args.stride, log=log, layout=lengths_lib.run_layout(cfg, model_cfg, log))
     title = f"{model_cfg.position}" + (f", rope_scaling {model_cfg.rope_scaling}" if model_cfg.rope_scaling != "none"
                                        else "") + f", trained at {train_length}"
     record = {"checkpoint": source, "position": model_cfg.position, "rope_scaling": model_cfg.rope_scaling,

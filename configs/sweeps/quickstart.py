@@ -14,7 +14,6 @@ def get_config(arg: str | None = None):
     cfg.base = load("configs/llama.py:size=tiny")
     # Byte-level models this small learn mostly local statistics: a context of 128 is enough and twice as cheap.
     cfg.base.model.max_seq_len = 128
-    cfg.base.model.scan_unroll = 0  # auto: these 1- and 2-layer models as straight-line code, 1.1-1.6x faster steps
     cfg.base.train.update(seq_len=128, eval_every=1_000_000, eval_windows=512, log_every=50, checkpoint_every=500)
     cfg.sweep = ConfigDict({
         "kind": "isoflop",

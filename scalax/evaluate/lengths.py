@@ -21,6 +21,8 @@ import numpy as np
 from scalax.data import pipeline
 from scalax.errors import ConfigError
 from scalax.models import Decoder, ModelConfig, positions
+from scalax.parallel import mesh as mesh_lib
+from scalax.parallel import shardings
 from scalax.train import step
 from scalax.train.program import step_compiler_options
 
@@ -58,12 +60,29 @@ def check_lengths(lengths: list[int], model: ModelConfig) -> None:
                           f"({limit} positions, position={model.position!r}); allowed: at most {limit}")
 
 
-def token_losses_fn(model: ModelConfig):
+def token_losses_fn(model: ModelConfig, layout: mesh_lib.Layout | None = None):
     """A compiled (params, windows [N, L + 1]) -> per-token losses [N, L] float32 (nats), with the training
-    steps' compiler options (so that at the training length it gives the run's own eval loss)."""
+    steps' compiler options. With the run's layout it runs as the run's eval step does (the windows split over
+    data x fsdp, the vocab-parallel loss), so that at the training length it gives the run's own eval loss to
+    the last bit (evaluate_lengths places the parameters in the layout's shardings first)."""
     decoder = Decoder(model)
-    return jax.jit(lambda params, windows_NxT1: step.token_losses(decoder, params, windows_NxT1)[0],
-                   compiler_options=step_compiler_options())
+    if layout is None:
+        return jax.jit(lambda params, windows_NxT1: step.token_losses(decoder, params, windows_NxT1)[0],
+                       compiler_options=step_compiler_options())
+    return layout.traced_in(jax.jit(
+        lambda params, windows_NxT1: step.token_losses(decoder, params, windows_NxT1, layout)[0],
+        in_shardings=(shardings.param_shardings(decoder, layout), layout.batch_sharding),
+        out_shardings=layout.replicated, compiler_options=step_compiler_options()))
+
+
+def run_layout(cfg, model: ModelConfig, log=print) -> mesh_lib.Layout:
+    """The run's own mesh (cfg.mesh, which `--config.mesh.*` overrides), or one device where that mesh does not
+    fit this machine's devices (said in one line: the last float bits may then differ from the run's eval)."""
+    try:
+        return mesh_lib.layout(cfg.mesh, model, cfg.train.batch_size)
+    except ConfigError as e:
+        log(f"eval: the run's mesh does not fit here ({e}); evaluating on one device")
+        return mesh_lib.layout({"data": 1, "fsdp": 1, "tensor": 1}, model, devices=jax.devices()[:1])
 
 
 def _losses(fn, params, windows: np.ndarray, batch: int) -> np.ndarray:
@@ -102,15 +121,20 @@ def strided_loss(fn, params, tokens: np.ndarray, length: int, stride: int, batch
 
 
 def evaluate_lengths(model: ModelConfig, params, val, max_token_id: int, lengths: list[int], windows: int,
-                     tokens_per_batch: int, stride_fraction: float = 0.5, log=print) -> list[AtLength]:
+                     tokens_per_batch: int, stride_fraction: float = 0.5, log=print,
+                     layout: mesh_lib.Layout | None = None) -> list[AtLength]:
     """The losses at each length (module doc) on the validation tokens `val` (an array or a TokenStream) whose
-    largest id is `max_token_id`; batches of about `tokens_per_batch` tokens."""
+    largest id is `max_token_id`; batches of about `tokens_per_batch` tokens (on `layout`'s mesh, a multiple
+    of its data x fsdp), on `layout` (run_layout) or on the default device."""
     check_lengths(lengths, model)
-    fn = token_losses_fn(model)
+    fn = token_losses_fn(model, layout)
+    shards = 1 if layout is None else layout.batch_shards
+    if layout is not None:
+        params = jax.device_put(params, shardings.param_shardings(Decoder(model), layout))
     out = []
     for length in lengths:
         pipeline.check_tokens(val, length, model.vocab_size, max_token_id, "val")
-        batch = max(1, tokens_per_batch // length)
+        batch = -(-max(1, tokens_per_batch // length) // shards) * shards
         losses = _losses(fn, params, pipeline.eval_windows(val, length, windows), batch)
         per_window = losses.mean(axis=1)
         se = float(per_window.std(ddof=1) / math.sqrt(len(per_window))) if len(per_window) > 1 else float("nan")

@@ -82,9 +82,8 @@ class ModelConfig:
     scan_layers: bool = True
     # layers per step of the scanned loop (nn.scan's unroll); 0: auto, all of them (straight-line code: faster
     # on CPU, no stacked residual buffers to fill) up to decoder.STRAIGHT_LINE_LAYERS layers, else one, so that
-    # compile time stays flat in depth (docs/benchmarks.md). The default stays 1: on a mesh of several devices
-    # straight-line bfloat16 code rounds differently from the one-device `scalax eval` (2e-4 nats apart)
-    scan_unroll: int = 1
+    # compile time stays flat in depth (docs/benchmarks.md)
+    scan_unroll: int = 0
     remat: str = "none"
     attention: str = "auto"  # auto | einsum | dot_product | chunked | splash (models/attention.py)
     attention_block: int = 512  # chunked and splash: queries and keys per block

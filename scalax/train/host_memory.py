@@ -3,9 +3,9 @@
 Every call of a compiled step on CPU allocates its temporaries afresh and frees them at its end. glibc's malloc
 gives large blocks back to the kernel when they are freed (blocks over its mmap threshold are unmapped, the
 heap's top is trimmed), so each step touched new pages and paid a page fault for every 4 KiB of them: for the
-quickstart's models on one core that was a quarter of the step (benchmarks/host_memory.py). Raising both
-thresholds keeps freed blocks for reuse, as tcmalloc (which MaxText preloads on TPU hosts) does. The cost: the
-process's resident memory stays at its peak instead of shrinking between steps.
+quickstart's larger models (d64 x 2 layers, d128) on one core, a quarter of the step (benchmarks/host_memory.py).
+Raising both thresholds keeps freed blocks for reuse, as tcmalloc (which MaxText preloads on TPU hosts) does. The
+cost: the process's resident memory stays at its peak instead of shrinking between steps.
 """
 
 from __future__ import annotations

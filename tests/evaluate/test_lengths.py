@@ -84,6 +84,21 @@ def test_eval_at_the_training_length_is_the_runs_eval_loss(capsys, trained):
     assert "x training length" in out
 
 
+def test_eval_where_the_runs_mesh_does_not_fit_runs_on_one_device(capsys, tmp_path, trained):
+    """The run's mesh (8 devices over data) asked as fsdp 3, which 8 devices cannot tile: one line says so, and
+    the loss is the run's to bfloat16 rounding (its eval ran on 8 devices, this one on one)."""
+    run = trained("alibi")
+    capsys.readouterr()
+    rc = cli.main(["eval", f"--checkpoint={run}", "--lengths=32", f"--out={tmp_path / 'eval'}",
+                   "--config.mesh.fsdp=3"])
+    err = capsys.readouterr().err
+    assert rc == 0, err
+    assert "the run's mesh does not fit here (mesh" in err and "evaluating on one device" in err
+    written = json.loads((tmp_path / "eval" / "lengths.json").read_text())
+    summary = json.loads((run / "summary.json").read_text())
+    assert written["lengths"][0]["loss"] == pytest.approx(summary["eval_loss"], abs=2e-3)
+
+
 @pytest.mark.parametrize("argv,words", [
     (["--lengths=32,0"], "--lengths: got 0; allowed: positive integers"),
     (["--lengths=32,x"], "--lengths: got '32,x'"),

@@ -102,8 +102,8 @@ def branched_records(seed=0):
         for d in (1e6, 3e6, 1e7):
             loss = 1.5 + 400 / n**0.4 + 600 / d**0.35 + rng.normal(0, 0.01)
             records.append({"name": f"b{n:g}-{d:g}", "role": "branch", "parent": f"t{n:g}", "branch_step": 1,
-                            "overrides": {"train.steps": 2}, "status": "finished", "eval_loss": loss, "params_non_embedding": n, "tokens": d,
-                            "flops_6n": 6 * n * d, "budget": 6 * n * d})
+                            "overrides": {"train.steps": 2}, "status": "finished", "eval_loss": loss,
+                            "params_non_embedding": n, "tokens": d, "flops_6n": 6 * n * d, "budget": 6 * n * d})
     return records
 
 

@@ -76,8 +76,9 @@ def token_losses_fn(model: ModelConfig, layout: mesh_lib.Layout | None = None):
 
 
 def run_layout(cfg, model: ModelConfig, log=print) -> mesh_lib.Layout:
-    """The run's own mesh (cfg.mesh, which `--config.mesh.*` overrides), or one device where that mesh does not
-    fit this machine's devices (said in one line: the last float bits may then differ from the run's eval)."""
+    """The mesh the run's config asks for (cfg.mesh, which `--config.mesh.*` overrides) on this machine's devices,
+    or one device where it does not fit them (said in one line). On other devices than the run's, the last float
+    bits may differ from the run's own eval."""
     try:
         return mesh_lib.layout(cfg.mesh, model, cfg.train.batch_size)
     except ConfigError as e:

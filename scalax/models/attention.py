@@ -51,17 +51,27 @@ def describe(cfg: ModelConfig) -> str:
 
 # ---------------------------------------------------------------------- einsum (the reference)
 def einsum_attention(q_BxTxGxQxK, k_BxSxGxK, v_BxSxGxK, q_pos_T, k_pos_S, bias_fn: BiasFn):
-    """Materialised scores; softmax in float32, probabilities cast to v's dtype. Returns [B, T, G, Q, K]."""
-    _, _, G, Q, K = q_BxTxGxQxK.shape
-    scores_BxGxQxTxS = jnp.einsum("btgqk,bsgk->bgqts", q_BxTxGxQxK, k_BxSxGxK, preferred_element_type=jnp.float32)
-    scores_BxGxQxTxS = scores_BxGxQxTxS.astype(jnp.float32) * K**-0.5
+    """Materialised scores; softmax in float32, probabilities cast to v's dtype. Returns [B, T, G, Q, K].
+
+    Both products are batched over (B, G) leading, with the Q query heads of a group stacked on the queries
+    (M = Q·T): the [T, S] scores come out of the dot in the layout the softmax reads, and only q, k, v and the
+    output ([., K] each, far smaller than the scores) are transposed. Scores laid out [B, G, Q, T, S] straight
+    from `btgqk,bsgk->bgqts` made XLA's CPU fusions transpose every [T, S] block (a 1.25-1.6x slower attention
+    at quickstart shapes; benchmarks/attention_layout.py)."""
+    B, T, G, Q, K = q_BxTxGxQxK.shape
+    S = k_BxSxGxK.shape[1]
+    q_BxGxMxK = jnp.einsum("btgqk->bgqtk", q_BxTxGxQxK).reshape(B, G, Q * T, K)
+    k_BxGxSxK, v_BxGxSxK = (jnp.einsum("bsgk->bgsk", x) for x in (k_BxSxGxK, v_BxSxGxK))
+    scores_BxGxMxS = jnp.einsum("bgmk,bgsk->bgms", q_BxGxMxK, k_BxGxSxK, preferred_element_type=jnp.float32)
+    scores_BxGxQxTxS = scores_BxGxMxS.astype(jnp.float32).reshape(B, G, Q, T, S) * K**-0.5
     if bias_fn is not None:
         bias_HxTxS = bias_fn(q_pos_T, k_pos_S)
         scores_BxGxQxTxS = scores_BxGxQxTxS + bias_HxTxS.reshape(G, Q, *bias_HxTxS.shape[1:])
     causal_TxS = k_pos_S[None, :] <= q_pos_T[:, None]
     scores_BxGxQxTxS = jnp.where(causal_TxS, scores_BxGxQxTxS, NEG)
-    probs_BxGxQxTxS = jax.nn.softmax(scores_BxGxQxTxS, axis=-1).astype(v_BxSxGxK.dtype)
-    return jnp.einsum("bgqts,bsgk->btgqk", probs_BxGxQxTxS, v_BxSxGxK)
+    probs_BxGxMxS = jax.nn.softmax(scores_BxGxQxTxS, axis=-1).astype(v_BxSxGxK.dtype).reshape(B, G, Q * T, S)
+    out_BxGxMxK = jnp.einsum("bgms,bgsk->bgmk", probs_BxGxMxS, v_BxGxSxK)
+    return jnp.einsum("bgqtk->btgqk", out_BxGxMxK.reshape(B, G, Q, T, K))
 
 
 # ---------------------------------------------------------------------- jax.nn.dot_product_attention

@@ -8,6 +8,7 @@ from __future__ import annotations
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from scalax.errors import ConfigError
 from scalax.models import mup, positions
@@ -119,7 +120,7 @@ class Decoder(nn.Module):
         scheme = positions.scheme_of(cfg)
         T = x_BxTxD.shape[1]
         start = None
-        positions_T = jnp.arange(T, dtype=jnp.int32) + first_position
+        positions_T = np.arange(T, dtype=np.int32) + np.int32(first_position)  # numpy: known when tracing
         if self.decode:
             start = self.cache_index.value
             if self.cache_ready:  # otherwise this call only creates the cache, of length T

@@ -97,16 +97,32 @@ def _ntk_inv_freq(cfg: ModelConfig, seq_len) -> jnp.ndarray:
     return 1.0 / base ** (jnp.arange(0, dim, 2, dtype=jnp.float32) / dim)
 
 
+def _rope_tables(positions_T: np.ndarray, inv_freq_R: np.ndarray, scale: float) -> tuple[np.ndarray, np.ndarray]:
+    """scale · cos and scale · sin of the float32 angles position · inv_freq, as float32 constants [T, R]: for
+    positions known when tracing (a forward pass without a KV cache). The same float32 angles as the traced
+    path, their cosines rounded once (XLA's float32 cos is within an ulp or two). As constants they cost XLA
+    nothing per step; computed in the graph, XLA's CPU fusions recomputed cos and sin for every batch row and
+    head (the q and k rotations cost more than the projections at quickstart shapes)."""
+    angle_TxR = positions_T.astype(np.float32)[:, None] * inv_freq_R.astype(np.float32)[None, :]
+    scale32 = np.float32(scale)
+    return tuple((scale32 * fn(angle_TxR.astype(np.float64)).astype(np.float32)).astype(np.float32)
+                 for fn in (np.cos, np.sin))
+
+
 def apply_rope(x_BxTxNxK: jnp.ndarray, positions_T: jnp.ndarray, cfg: ModelConfig) -> jnp.ndarray:
     """Rotate the first `rotary_dim` dims of each head by position (rotate-half layout, as GPT-NeoX / HF)."""
     dim = cfg.rotary_dim
-    if cfg.rope_scaling == "ntk":  # the sequence's length sets the base (as transformers: the largest position + 1)
-        inv_freq_R = _ntk_inv_freq(cfg, jnp.max(positions_T) + 1)
-    else:
-        inv_freq_R = jnp.asarray(rope_inv_freq(cfg), jnp.float32)
-    angle_TxR = positions_T.astype(jnp.float32)[:, None] * inv_freq_R[None, :]
     scale = rope_attention_factor(cfg)
-    cos_Tx1xR, sin_Tx1xR = (scale * jnp.cos(angle_TxR))[:, None, :], (scale * jnp.sin(angle_TxR))[:, None, :]
+    if isinstance(positions_T, np.ndarray) and cfg.rope_scaling != "ntk":
+        cos_TxR, sin_TxR = _rope_tables(positions_T, rope_inv_freq(cfg), scale)
+    else:
+        if cfg.rope_scaling == "ntk":  # the sequence's length sets the base (as transformers: the largest position + 1)
+            inv_freq_R = _ntk_inv_freq(cfg, jnp.max(positions_T) + 1)
+        else:
+            inv_freq_R = jnp.asarray(rope_inv_freq(cfg), jnp.float32)
+        angle_TxR = positions_T.astype(jnp.float32)[:, None] * inv_freq_R[None, :]
+        cos_TxR, sin_TxR = scale * jnp.cos(angle_TxR), scale * jnp.sin(angle_TxR)
+    cos_Tx1xR, sin_Tx1xR = cos_TxR[:, None, :], sin_TxR[:, None, :]
     x = x_BxTxNxK.astype(jnp.float32)
     rot, rest = x[..., :dim], x[..., dim:]
     x1, x2 = rot[..., : dim // 2], rot[..., dim // 2 :]

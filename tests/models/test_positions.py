@@ -54,6 +54,27 @@ def test_rope_keeps_unrotated_dims_and_norms():
     np.testing.assert_array_equal(y[:, 0], x[:, 0])  # position 0 is not rotated
 
 
+@pytest.mark.parametrize("changes", [
+    dict(), dict(rope_fraction=0.5), dict(rope_scaling="yarn", rope_original_context=16)])
+def test_rope_with_positions_known_when_tracing_equals_the_traced_path_and_float64(changes):
+    """Positions as numpy (a forward pass without a KV cache): cos and sin become constants; the rotation
+    equals the traced path (positions a jax array) to float32 rounding, and both a float64 rotation."""
+    import jax
+
+    cfg = small_config("llama", **changes)
+    T = 300
+    x = np.random.default_rng(2).standard_normal((2, T, 3, cfg.head_dim)).astype(np.float32)
+    constant = np.asarray(positions.apply_rope(jnp.asarray(x), np.arange(T, dtype=np.int32), cfg))
+    traced = np.asarray(jax.jit(lambda x, p: positions.apply_rope(x, p, cfg))(x, jnp.arange(T, dtype=jnp.int32)))
+    np.testing.assert_allclose(constant, traced, rtol=0, atol=2e-5)
+    dim, scale = cfg.rotary_dim, positions.rope_attention_factor(cfg)
+    angle = np.arange(T, dtype=np.float64)[:, None] * positions.rope_inv_freq(cfg)[None, :]
+    cos, sin = (scale * f(angle)[None, :, None, :] for f in (np.cos, np.sin))
+    x1, x2 = x[..., : dim // 2].astype(np.float64), x[..., dim // 2 : dim].astype(np.float64)
+    want = np.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin, x[..., dim:]], axis=-1)
+    np.testing.assert_allclose(constant, want, rtol=0, atol=2e-4)  # float32 angles of positions up to 300
+
+
 def test_llama31_frequencies_equal_per_frequency_reference():
     cfg = small_config("llama", d_model=256, n_heads=2, n_kv_heads=2, rope_theta=500000.0, rope_scaling="llama3",
                        rope_scaling_factor=8.0, rope_low_freq_factor=1.0, rope_high_freq_factor=4.0,

@@ -1,6 +1,5 @@
 """The train step on CPU with XLA's default options against scalax's (program.step_compiler_options: YNNPACK
-fusions and the tree-reduction rewrite off), at quickstart shapes, in one process, the two alternating within
-each round.
+fusions off), at quickstart shapes, in one process, the two alternating within each round.
 
     python benchmarks/cpu_step_options.py [--shapes 16x1,64x2,128x2] [--rounds 3] [--steps 30]
 

@@ -32,18 +32,15 @@ def init_compiler_options() -> dict[str, Any] | None:
 
 @functools.cache
 def step_compiler_options() -> dict[str, Any] | None:
-    """XLA options for the train and eval steps. On CPU:
-    - XLA's YNNPACK fusions off (jax 0.10 turns them on): at quickstart shapes a softmax-gradient reduction
-      took 2.2 ms of a 14 ms step inside one; without them the step ran 1.06-1.37x faster for models of
-      d_model 16-128;
-    - its tree-reduction rewrite off (`xla_disable_hlo_passes`): it splits every reduction into reduce-windows
-      of 32 and a second reduce, which at these shapes (the max and sum over 260 logits, over 128 keys) ran
-      slower than the plain reduce: the step 1.04-1.23x faster without it.
-    (benchmarks/cpu_step_options.py.) The same numerics up to float rounding order. Where this XLA has no
-    such option, and elsewhere, the defaults."""
+    """XLA options for the train and eval steps. On CPU, XLA's YNNPACK fusions off (jax 0.10 turns them on): at
+    quickstart shapes a softmax-gradient reduction took 2.2 ms of a 14 ms step inside one, and without them the
+    step ran 1.06-1.37x faster for models of d_model 16-128 (benchmarks/cpu_step_options.py). The same
+    numerics up to float rounding order. Where this XLA has no such option, and elsewhere, the defaults.
+    (XLA's tree-reduction rewrite stays on: the quickstart's 1-layer steps ran 1.04-1.2x faster without it,
+    issue #14's float32 GPT step, d_model 256, 1.6x slower.)"""
     if jax.default_backend() != "cpu":
         return None
-    options = {"xla_cpu_experimental_ynn_fusion_type": "", "xla_disable_hlo_passes": "tree_reduction_rewriter"}
+    options = {"xla_cpu_experimental_ynn_fusion_type": ""}
     try:
         jax.jit(lambda x: x + 1, compiler_options=options).lower(0.0).compile()
     except Exception:  # an XLA without the option: "No such compile option"

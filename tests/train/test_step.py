@@ -133,10 +133,9 @@ def test_cpu_peak_is_measured_once_per_machine_and_dtype(tmp_path, monkeypatch):
     assert all(jax.__version__ in key and ("float32" in key or "bfloat16" in key) for key in table)
 
 
-def test_cpu_steps_compile_without_ynn_fusions_or_tree_reductions_and_train_the_same():
-    """program.step_compiler_options: on this CPU the steps are compiled without XLA's YNNPACK fusions and
-    without its reductions split into reduce-windows of 32 (both options took effect: the default compile has
-    each), and three steps give the same parameters as the default compile to float rounding."""
+def test_cpu_steps_compile_without_ynn_fusions_and_train_the_same():
+    """program.step_compiler_options: on this CPU the steps are compiled without XLA's YNNPACK fusions (the
+    option took effect), and three steps give the same parameters as the default compile to float rounding."""
     from scalax.train.program import step_compiler_options
 
     options = step_compiler_options()
@@ -145,9 +144,7 @@ def test_cpu_steps_compile_without_ynn_fusions_or_tree_reductions_and_train_the_
     cfg, _, step, state = setup()
     tuned = jax.jit(step.__wrapped__, compiler_options=options)
     batch = random_tokens(cfg, 4, 9)
-    default_hlo, tuned_hlo = (f.lower(state, batch).compile().as_text() for f in (step, tuned))
-    assert "__ynn_fusion" not in tuned_hlo
-    assert "reduce-window" in default_hlo and "reduce-window" not in tuned_hlo
+    assert "__ynn_fusion" not in tuned.lower(state, batch).compile().as_text()
     a, b = state, state
     for _ in range(3):
         a, _ = step(a, batch)

@@ -56,7 +56,7 @@ def einsum_attention(q_BxTxGxQxK, k_BxSxGxK, v_BxSxGxK, q_pos_T, k_pos_S, bias_f
     Both products are batched over (B, G) leading, with the Q query heads of a group stacked on the queries
     (M = Q·T): the [T, S] scores come out of the dot in the layout the softmax reads, and only q, k, v and the
     output ([., K] each, far smaller than the scores) are transposed. Scores laid out [B, G, Q, T, S] straight
-    from `btgqk,bsgk->bgqts` made XLA's CPU fusions transpose every [T, S] block (a 1.25-1.6x slower attention
+    from `btgqk,bsgk->bgqts` made XLA's CPU fusions transpose every [T, S] block (a 1.3-1.6x slower attention
     at quickstart shapes; benchmarks/attention_layout.py)."""
     B, T, G, Q, K = q_BxTxGxQxK.shape
     S = k_BxSxGxK.shape[1]

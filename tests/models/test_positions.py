@@ -2,6 +2,7 @@
 
 import math
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -58,9 +59,7 @@ def test_rope_keeps_unrotated_dims_and_norms():
     dict(), dict(rope_fraction=0.5), dict(rope_scaling="yarn", rope_original_context=16)])
 def test_rope_with_positions_known_when_tracing_equals_the_traced_path_and_float64(changes):
     """Positions as numpy (a forward pass without a KV cache): cos and sin become constants; the rotation
-    equals the traced path (positions a jax array) to float32 rounding, and both a float64 rotation."""
-    import jax
-
+    equals the traced path (positions a jax array) to float32 rounding, and a float64 rotation."""
     cfg = small_config("llama", **changes)
     T = 300
     x = np.random.default_rng(2).standard_normal((2, T, 3, cfg.head_dim)).astype(np.float32)

@@ -520,7 +520,7 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.set_defaults(func=cmd_sweep)
 
     from scalax.models import flops
-    from scalax.scaling import analysis
+    from scalax.scaling.results import APPROACH_CHOICES
 
     fit = sub.add_parser("fit", help="fit scaling laws to a sweep directory or a CSV",
                          description="Prints every approach with its intervals and warnings (or --json). A sweep "
@@ -529,7 +529,7 @@ def build_parser() -> argparse.ArgumentParser:
     fit.add_argument("dir", nargs="?", help="a sweep directory (its runs.jsonl and sweep.json)")
     fit.add_argument("--csv", help="a CSV with columns params, tokens, loss (optional: flops, name), e.g. a sweep's "
                                    "fit_runs.csv")
-    fit.add_argument("--approach", default="all", help=f"one of {', '.join(analysis.APPROACHES)} (all: 1, 2, 3 "
+    fit.add_argument("--approach", default="all", help=f"one of {', '.join(APPROACH_CHOICES)} (all: 1, 2, 3 "
                      "and Kaplan's; data_constrained: Muennighoff et al.'s law for runs that repeat data, from "
                      "each run's unique tokens)")
     fit.add_argument("--bootstrap", type=int, help="resamples over runs for the intervals (default: the sweep's, "

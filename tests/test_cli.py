@@ -174,3 +174,18 @@ def test_fit_sweep_plot_user_errors_one_line(capsys, tmp_path, argv, words):
     assert rc == cli.EXIT_USER_ERROR
     lines = err.strip().splitlines()
     assert len(lines) == 1 and words in lines[0], err
+
+
+def test_parser_imports_no_scipy_and_offers_every_approach():
+    """Every `scalax` command builds the whole parser: it must not import scipy (the fits' 0.3 s, paid by each
+    sweep run's process), and `fit --approach` offers exactly what analysis.analyse accepts."""
+    code = ("import sys; from scalax import cli; p = cli.build_parser(); print('scipy' in sys.modules); "
+            "a = [x for x in p._subparsers._group_actions[0].choices['fit']._actions if x.dest == 'approach'][0]; "
+            "print(a.help)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=REPO)
+    imported, help_text = out.stdout.strip().splitlines()
+    assert imported == "False"
+    from scalax.scaling import analysis, fit
+
+    assert set(analysis.APPROACHES) == {*fit.APPROACHES, "data_constrained"}
+    assert help_text.startswith("one of " + ", ".join(analysis.APPROACHES))

@@ -26,6 +26,7 @@ from scalax.scaling import data_constrained
 from scalax.scaling import fit as fit_lib
 from scalax.scaling import sweep as sweep_lib
 from scalax.scaling.results import (
+    APPROACH_CHOICES,
     Approach1,
     Approach2,
     Approach3,
@@ -40,7 +41,7 @@ from scalax.scaling.results import (
 APPROACH_NAMES = {"approach1": "approach 1 (envelope)", "approach2": "approach 2 (IsoFLOP parabolas)",
                   "approach3": "approach 3 (parametric law)", "kaplan": "Kaplan power laws",
                   "data_constrained": "data-constrained law (Muennighoff et al.)"}
-APPROACHES = (*fit_lib.APPROACHES, "data_constrained")  # `all` is 1, 2, 3 and Kaplan: they assume unique tokens
+APPROACHES = APPROACH_CHOICES  # (results.py)
 EXPONENT_RANGE = (0.0, 1.0)  # N_opt ∝ C^a, D_opt ∝ C^b: both grow with compute, a + b = 1 under C = 6 N D
 LAW_EXPONENT_RANGE = (0.0, 2.0)  # alpha, beta of L(N, D): Hoffmann et al.'s starting grid spans [0, 2]
 GRID_BIAS = 0.1  # approach 2's vertex may sit at most 10% from the optimum of approach 3's law on the same grid

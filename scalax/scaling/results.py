@@ -275,6 +275,9 @@ class Settings:
 
 
 APPROACHES = ("approach1", "approach2", "approach3", "kaplan", "data_constrained")
+# `scalax fit --approach` (analysis.analyse): 1, 2, 3, all (1, 2, 3 and Kaplan's: they assume unique tokens) and
+# data_constrained; here, not in analysis.py, so that the CLI's parser does not import scipy.
+APPROACH_CHOICES = ("1", "2", "3", "all", "data_constrained")
 
 
 @dataclasses.dataclass

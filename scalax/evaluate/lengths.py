@@ -60,19 +60,21 @@ def check_lengths(lengths: list[int], model: ModelConfig) -> None:
                           f"({limit} positions, position={model.position!r}); allowed: at most {limit}")
 
 
-def token_losses_fn(model: ModelConfig, layout: mesh_lib.Layout | None = None):
+def token_losses_fn(model: ModelConfig, layout: mesh_lib.Layout | None = None, params_sharding=None):
     """A compiled (params, windows [N, L + 1]) -> per-token losses [N, L] float32 (nats), with the training
     steps' compiler options. With the run's layout it runs as the run's eval step does (the windows split over
     data x fsdp, the vocab-parallel loss), so that at the training length it gives the run's own eval loss to
-    the last bit (evaluate_lengths places the parameters in the layout's shardings first)."""
+    the last bit; the parameters must then lie in `params_sharding` (default: the layout's, computed here)."""
     decoder = Decoder(model)
     if layout is None:
         return jax.jit(lambda params, windows_NxT1: step.token_losses(decoder, params, windows_NxT1)[0],
                        compiler_options=step_compiler_options())
+    if params_sharding is None:
+        params_sharding = shardings.param_shardings(decoder, layout)
     return layout.traced_in(jax.jit(
         lambda params, windows_NxT1: step.token_losses(decoder, params, windows_NxT1, layout)[0],
-        in_shardings=(shardings.param_shardings(decoder, layout), layout.batch_sharding),
-        out_shardings=layout.replicated, compiler_options=step_compiler_options()))
+        in_shardings=(params_sharding, layout.batch_sharding), out_shardings=layout.replicated,
+        compiler_options=step_compiler_options()))
 
 
 def run_layout(cfg, model: ModelConfig, log=print) -> mesh_lib.Layout:
@@ -128,10 +130,12 @@ def evaluate_lengths(model: ModelConfig, params, val, max_token_id: int, lengths
     largest id is `max_token_id`; batches of about `tokens_per_batch` tokens (on `layout`'s mesh, a multiple
     of its data x fsdp), on `layout` (run_layout) or on the default device."""
     check_lengths(lengths, model)
-    fn = token_losses_fn(model, layout)
-    shards = 1 if layout is None else layout.batch_shards
-    if layout is not None:
-        params = jax.device_put(params, shardings.param_shardings(Decoder(model), layout))
+    if layout is None:
+        fn, shards = token_losses_fn(model), 1
+    else:  # the parameters in the layout's shardings, computed once for the placement and the compiled fn
+        params_sharding = shardings.param_shardings(Decoder(model), layout)
+        params = jax.device_put(params, params_sharding)
+        fn, shards = token_losses_fn(model, layout, params_sharding), layout.batch_shards
     out = []
     for length in lengths:
         pipeline.check_tokens(val, length, model.vocab_size, max_token_id, "val")

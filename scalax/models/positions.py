@@ -105,8 +105,7 @@ def _rope_tables(positions_T: np.ndarray, inv_freq_R: np.ndarray, scale: float) 
     head (the q and k rotations cost more than the projections at quickstart shapes)."""
     angle_TxR = positions_T.astype(np.float32)[:, None] * inv_freq_R.astype(np.float32)[None, :]
     scale32 = np.float32(scale)
-    return tuple((scale32 * fn(angle_TxR.astype(np.float64)).astype(np.float32)).astype(np.float32)
-                 for fn in (np.cos, np.sin))
+    return tuple(scale32 * fn(angle_TxR.astype(np.float64)).astype(np.float32) for fn in (np.cos, np.sin))
 
 
 def apply_rope(x_BxTxNxK: jnp.ndarray, positions_T: jnp.ndarray, cfg: ModelConfig) -> jnp.ndarray:

@@ -3,10 +3,15 @@ batches, prefetch. The iterator's state (`get_state()`) goes into every checkpoi
 
 Window i is tokens[i·T : i·T + T + 1]: consecutive windows overlap by one token, so every token but the first
 is a target exactly once an epoch. Global batch b holds shuffled windows [b·B, (b+1)·B); process p of P reads
-rows p, p + P, ... of it, so the global batch is the same whatever the process count.
+rows p, p + P, ... of it, so the global batch is the same whatever the process count. The order is that of
+grain's `MapDataset.shuffle(seed).repeat()` over the windows (epoch e permuted by grain's index_shuffle with seed
+`seed + e`), read a batch at a time: one gather per batch instead of grain's per-window reads (0.46-0.69 ms a
+batch of 14-22 windows down to about 0.1 ms, which the quickstart's millisecond steps notice).
 """
 
 from __future__ import annotations
+
+import sys
 
 import grain
 import numpy as np
@@ -21,6 +26,7 @@ class Windows:
     def __init__(self, tokens: np.ndarray, seq_len: int):
         self.tokens = tokens
         self.seq_len = seq_len
+        self.view_NxT1 = np.lib.stride_tricks.sliding_window_view(tokens, seq_len + 1)[::seq_len] if len(self) else None
 
     def __len__(self) -> int:
         return max(0, (len(self.tokens) - 1) // self.seq_len)
@@ -28,6 +34,27 @@ class Windows:
     def __getitem__(self, i: int) -> np.ndarray:
         start = int(i) * self.seq_len
         return np.asarray(self.tokens[start : start + self.seq_len + 1], np.int32)
+
+    def take(self, ids) -> np.ndarray:
+        """Windows `ids` in one gather: [len(ids), seq_len + 1] int32."""
+        return np.asarray(self.view_NxT1[np.asarray(ids, np.int64)], np.int32)
+
+
+class ShuffledBatches:
+    """Random-access source of this process's rows of global batch b, endless: [B / P, seq_len + 1] int32."""
+
+    def __init__(self, windows: Windows, global_batch: int, seed: int, process_index: int, process_count: int):
+        self.windows, self.global_batch, self.seed, self.n = windows, global_batch, seed, len(windows)
+        self.rows = np.arange(process_index, global_batch, process_count)
+
+    def __len__(self) -> int:
+        return sys.maxsize
+
+    def __getitem__(self, b: int) -> np.ndarray:
+        epochs, positions = np.divmod(int(b) * self.global_batch + self.rows, self.n)
+        ids = [grain.experimental.index_shuffle(int(i), max_index=self.n - 1, seed=(self.seed + int(e)) % 2**32,
+                                                rounds=4) for e, i in zip(epochs, positions, strict=True)]
+        return self.windows.take(ids)
 
 
 def check_tokens(tokens: np.ndarray, seq_len: int, vocab_size: int, max_token_id: int, split: str) -> None:
@@ -47,9 +74,11 @@ def train_dataset(tokens: np.ndarray, seq_len: int, global_batch: int, seed: int
     """An endless MapDataset of this process's [global_batch / process_count, seq_len + 1] batches."""
     if global_batch % process_count:
         raise ConfigError("train.batch_size", f"{global_batch} is not divisible by the process count {process_count}")
-    ds = grain.MapDataset.source(Windows(tokens, seq_len)).shuffle(seed=seed).repeat(None)
-    ds = ds[process_index::process_count]
-    return ds.batch(global_batch // process_count, drop_remainder=True)
+    if len(Windows(tokens, seq_len)) == 0:
+        raise ConfigError("data.corpus", f"the train split has {len(tokens)} tokens; one window needs "
+                          f"train.seq_len + 1 = {seq_len + 1}")
+    return grain.MapDataset.source(ShuffledBatches(Windows(tokens, seq_len), global_batch, seed, process_index,
+                                                   process_count))
 
 
 def read_threads() -> int:

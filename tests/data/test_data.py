@@ -3,6 +3,7 @@
 import json
 import os
 
+import grain
 import numpy as np
 import pytest
 from ml_collections import ConfigDict
@@ -135,6 +136,21 @@ def test_windows_cover_every_target_once():
     np.testing.assert_array_equal(w[3], np.arange(30, 41))
     targets = np.concatenate([w[i][1:] for i in range(len(w))])
     np.testing.assert_array_equal(targets, np.arange(1, 101))
+
+
+@pytest.mark.parametrize("batch, count, seed", [(4, 1, 7), (8, 2, 1), (6, 3, 2**32 - 2)])
+def test_batches_follow_grains_windowwise_shuffle(batch, count, seed):
+    """The batch-at-a-time reader yields what grain's window-at-a-time chain would (the reference, built from grain's
+    own shuffle, repeat, process slice and batch), in every epoch and for each process."""
+    tokens = np.arange(1601)  # 100 windows of 16
+    for p in range(count):
+        reference = grain.MapDataset.source(pipeline.Windows(tokens, 16)).shuffle(seed=seed).repeat(None)
+        reference = reference[p::count].batch(batch // count, drop_remainder=True)
+        ours = pipeline.train_dataset(tokens, 16, batch, seed, p, count)
+        for b in [*range(60), 10**6]:  # past the second epoch, and far out
+            np.testing.assert_array_equal(ours[b], reference[b])
+    windows = pipeline.Windows(tokens, 16)
+    np.testing.assert_array_equal(windows.take([5, 0, 99]), np.stack([windows[5], windows[0], windows[99]]))
 
 
 def test_shuffle_differs_per_epoch_and_batches_are_whole_windows():

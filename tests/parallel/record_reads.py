@@ -12,13 +12,14 @@ from scalax.data import pipeline
 
 index_of: dict[bytes, int] = {}  # a training window's tokens -> its index (windows of stdlib text are unique)
 consumed: list[list[int]] = []  # per step: the window indices of this process's rows
-original_getitem, original_iterator = pipeline.Windows.__getitem__, pipeline.iterator
+original_take, original_iterator = pipeline.Windows.take, pipeline.iterator
 
 
-def recording_getitem(self, i):
-    window = original_getitem(self, i)
-    index_of[window.tobytes()] = int(i)
-    return window
+def recording_take(self, ids):
+    windows = original_take(self, ids)
+    for i, window in zip(ids, windows, strict=True):
+        index_of[window.tobytes()] = int(i)
+    return windows
 
 
 class Recording:
@@ -34,7 +35,7 @@ class Recording:
         return getattr(self.inner, name)
 
 
-pipeline.Windows.__getitem__ = recording_getitem
+pipeline.Windows.take = recording_take
 pipeline.iterator = lambda ds, prefetch=16: Recording(original_iterator(ds, prefetch))
 code = cli.main(sys.argv[1:])
 with open(os.environ["SCALAX_TEST_READS"], "w") as f:

@@ -93,6 +93,8 @@ def test_broken_config_files_are_one_line(capsys, tmp_path):
     (["plot", "{tmp}/notasweep"], "sweep.json", "not a sweep config"),
     (["plot", "{tmp}"], "scalax plot", "not a sweep directory"),
     (["prepare", "--config=configs/llama.py", "--workers=-2"], "--workers", "one per core"),
+    (["train", "--config=configs/llama.py:size=tiny", "--workdir={tmp}/run", "--config.train.steps_per_call=0"],
+     "train.steps_per_call", "positive integer"),
     (["prepare", "--config=configs/llama.py", "--config.data.shard_tokens=0", "--config.data.corpus={tmp}/one.txt",
       "--config.data.cache_dir={tmp}/cache"], "data.shard_tokens", "positive integer"),
 ])

@@ -71,6 +71,11 @@ class Layout:
         return NamedSharding(self.mesh, PartitionSpec(BATCH_AXES))
 
     @property
+    def stacked_batch_sharding(self) -> NamedSharding:
+        """[K, B, ...] stacks of batches: each batch split like batch_sharding."""
+        return NamedSharding(self.mesh, PartitionSpec(None, BATCH_AXES))
+
+    @property
     def replicated(self) -> NamedSharding:
         return NamedSharding(self.mesh, PartitionSpec())
 

@@ -1,5 +1,7 @@
 """The training loop: everything with side effects (data files, checkpoints, logs, signals) lives here; the
-step itself is the pure function from step.py, compiled by the run's setup (setup.py).
+step itself is the pure function from step.py, compiled by the run's setup (setup.py). With
+`train.steps_per_call` = K > 1 the steps go K to a compiled call (step.make_train_steps), a call cut short where a
+log, evaluation or save falls due, so that everything below happens at the same steps as with K = 1.
 
 A run on a workdir that holds a checkpoint resumes from it, bit for bit: the state, the data iterator's
 position and the counters are restored, and metrics.jsonl is cut back to the restored step (what may change
@@ -8,8 +10,8 @@ on a resume: resume.py). A NaN or inf loss stops the run before anything non-fin
 Saves: every `train.checkpoint_every` steps (the newest `train.keep_checkpoints` stay), at each step of
 `train.checkpoint_steps` (all kept: a wsd_branch trunk's branch points), at the last step, every
 `train.checkpoint_minutes` of wall time (checked at each log step; each such save replaces the previous one),
-and on preemption. SIGTERM (how Cloud TPU and GKE preempt) saves at a step boundary and exits with status 143:
-in a multi-process run through JAX's preemption sync point, so that every host saves the same step.
+and on preemption. SIGTERM (how Cloud TPU and GKE preempt) saves at the end of the call under way and exits with
+status 143: in a multi-process run through JAX's preemption sync point, so that every host saves the same step.
 """
 
 from __future__ import annotations
@@ -172,7 +174,8 @@ class Trainer:
         self.tokens_per_step = train_cfg.batch_size * train_cfg.seq_len
         self.bytes_per_token = data.bytes_per_token("val")
         self.eval_windows = pipeline.eval_windows(data.val, train_cfg.seq_len, train_cfg.eval_windows)
-        self.pending: list[tuple[int, dict]] = []  # metrics still on device, fetched at the next log or save
+        # (last step, steps, metrics) of each call whose metrics are still on device, fetched at the next log or save
+        self.pending: list[tuple[int, int, dict]] = []
         sizes = " x ".join(f"{a} {n}" for a, n in run.layout.mesh.shape.items())
         log(f"training {flops.params_total(run.model) / 1e6:.2f}M parameters for {run.steps} steps of "
             f"{self.tokens_per_step} tokens ({run.steps * self.tokens_per_step / 1e6:.1f}M tokens) on "
@@ -217,14 +220,18 @@ class Trainer:
         """Fetch pending metrics (one host sync), stop on a non-finite loss; the record of the newest step."""
         if not self.pending:
             return None
-        fetched = jax.device_get([m for _, m in self.pending])
-        for (step, _), m in zip(self.pending, fetched, strict=True):
-            if not np.isfinite(m["loss"]):
+        fetched = jax.device_get([m for _, _, m in self.pending])
+        for (last, n, _), m in zip(self.pending, fetched, strict=True):
+            losses = np.atleast_1d(m["loss"])[:n]  # a call of n steps: [K] metrics, the first n filled
+            if not np.isfinite(losses).all():
+                bad = int(np.flatnonzero(~np.isfinite(losses))[0])
                 where = f"step {self.last_saved} in {self.checkpointer.directory}" if self.last_saved else \
                     "none was saved"
-                raise TrainingDiverged(f"loss is {m['loss']} at step {step}: training diverged; the last good "
-                                       f"checkpoint is kept ({where}). Try a lower optim.lr or longer warmup.")
-        step, m = self.pending[-1][0], fetched[-1]
+                raise TrainingDiverged(f"loss is {losses[bad]} at step {last - n + 1 + bad}: training diverged; the "
+                                       f"last good checkpoint is kept ({where}). Try a lower optim.lr or longer "
+                                       "warmup.")
+        step, n, _ = self.pending[-1]
+        m = {k: np.atleast_1d(v)[n - 1] for k, v in fetched[-1].items()}
         self.pending.clear()
         now, counters = time.perf_counter(), self.counters
         tokens_per_s = (counters.tokens - clock["tokens"]) / max(now - clock["time"], 1e-9)
@@ -255,12 +262,14 @@ class Trainer:
         self._last_save_time = clock()  # for wall-clock saves
         try:
             with PreemptionWatch() as preemption:
-                for step in range(self.start + 1, steps + 1):
-                    preempted = self._step(step, preemption, progress, summary)
-                    if preempted:
+                step = self.start + 1
+                while step <= steps:
+                    last = self._call_end(step)
+                    if self._steps(step, last, preemption, progress, summary):
                         self.checkpointer.wait()
-                        raise Preempted(f"preempted (SIGTERM): saved a checkpoint at step {step} in "
+                        raise Preempted(f"preempted (SIGTERM): saved a checkpoint at step {last} in "
                                         f"{self.checkpointer.directory}; run the same command again to resume")
+                    step = last + 1
             summary.update(status="finished", step=steps, tokens=self.counters.tokens,
                            unique_train_tokens=self.data.header["counts"]["train"]["tokens"],
                            epochs=corpora.epochs(self.data.header, self.counters.tokens),
@@ -272,16 +281,42 @@ class Trainer:
             progress.close()
             self.metrics_log.close()
 
-    def _step(self, step: int, preemption: PreemptionWatch, progress: ProgressBar, summary: dict) -> bool:
-        """One optimizer step, and whatever falls due at it: a log record, an evaluation, a checkpoint. True when
-        a preemption saved it and the run must stop."""
+    def _call_end(self, first: int) -> int:
+        """The last step of the call that starts at `first`: the next multiple of train.steps_per_call (calls
+        aligned the same in a run and its resumes), the run's last step, or the first step before either at
+        which a log, evaluation or save falls due."""
+        train_cfg, k = self.train_cfg, self.train_cfg.get("steps_per_call", 1)
+        end = min(-(-first // k) * k, self.run_setup.steps)
+        for step in range(first, end):
+            if (step % train_cfg.log_every == 0 or step % train_cfg.eval_every == 0
+                    or step % train_cfg.checkpoint_every == 0 or step in train_cfg.get("checkpoint_steps", ())):
+                return step
+        return end
+
+    def _train(self, first: int, last: int) -> None:
+        """Steps first..last in one compiled call; their metrics join the pending ones."""
+        train_cfg, prog, layout = self.train_cfg, self.run_setup.program, self.run_setup.layout
+        n = last - first + 1
+        local = [next(self.batches) for _ in range(n)]  # this process's rows of each step's global batch
+        global_shape = (train_cfg.batch_size, *local[0].shape[1:])  # sharded over data x fsdp
+        if prog.train_steps is None:
+            batch_BxT1 = jax.make_array_from_process_local_data(layout.batch_sharding, local[0], global_shape)
+            self.state, metrics = prog.train_step(self.state, batch_BxT1)
+        else:  # a stack of K batches, the unused ones zeros
+            k = train_cfg.steps_per_call
+            local_KxBxT1 = np.stack(local + [np.zeros_like(local[0])] * (k - n))
+            batches = jax.make_array_from_process_local_data(layout.stacked_batch_sharding, local_KxBxT1,
+                                                             (k, *global_shape))
+            self.state, metrics = prog.train_steps(self.state, batches, np.int32(n))
+        self.pending.append((last, n, metrics))
+        self.counters.tokens += n * self.tokens_per_step
+
+    def _steps(self, first: int, step: int, preemption: PreemptionWatch, progress: ProgressBar, summary: dict
+               ) -> bool:
+        """Optimizer steps first..step, and whatever falls due at `step`: a log record, an evaluation, a
+        checkpoint. True when a preemption saved it and the run must stop."""
         train_cfg, is_last = self.train_cfg, step == self.run_setup.steps
-        local_BxT1 = next(self.batches)  # this process's rows -> the global batch, sharded over data x fsdp
-        batch = jax.make_array_from_process_local_data(self.run_setup.layout.batch_sharding, local_BxT1,
-                                                       (train_cfg.batch_size, *local_BxT1.shape[1:]))
-        self.state, metrics = self.run_setup.program.train_step(self.state, batch)
-        self.pending.append((step, metrics))
-        self.counters.tokens += self.tokens_per_step
+        self._train(first, step)
         logs, saves = step % train_cfg.log_every == 0 or is_last, step % train_cfg.checkpoint_every == 0 or is_last
         saves = saves or step in train_cfg.get("checkpoint_steps", ())
         preempted = preemption.due(step)
@@ -302,7 +337,7 @@ class Trainer:
         if saves:
             self.save(step)
             self._last_save_time = clock()
-        progress.advance()
+        progress.advance(step - first + 1)
         return preempted and not is_last  # a preemption at the last step: the run is done anyway
 
     def _time_save_due(self) -> bool:
@@ -343,9 +378,9 @@ class ProgressBar:
 
         return write
 
-    def advance(self) -> None:
+    def advance(self, steps: int = 1) -> None:
         if self.bar is not None:
-            self.bar.update(1)
+            self.bar.update(steps)
 
     def close(self) -> None:
         if self.bar is not None:

@@ -20,7 +20,7 @@ from scalax.models import Decoder
 from scalax.parallel import shardings
 from scalax.parallel.mesh import Layout
 from scalax.train.state import init_state
-from scalax.train.step import make_eval_step, make_train_step
+from scalax.train.step import make_eval_step, make_train_step, make_train_steps
 
 
 def init_compiler_options() -> dict[str, Any] | None:
@@ -56,6 +56,7 @@ class Program:
     params_sharding: Any
     init: Callable[[], Any]  # () -> TrainState, born sharded
     train_step: Callable  # (state, batch_BxT1) -> (state, metrics)
+    train_steps: Callable | None  # (state, batches_KxBxT1, n) -> (state, metrics [K]); None when K = 1
     eval_step: Callable  # (params, windows_NxT1) -> per-window mean loss [N], replicated
 
     def batch_shape(self, batch_size: int, seq_len: int) -> jax.ShapeDtypeStruct:
@@ -63,18 +64,24 @@ class Program:
 
 
 def compile_program(model: Decoder, tx: optax.GradientTransformation, schedule: optax.Schedule, layout: Layout,
-                    seed: int, seq_len: int, microbatches: int = 1, z_loss: float = 0.0) -> Program:
+                    seed: int, seq_len: int, microbatches: int = 1, z_loss: float = 0.0, steps_per_call: int = 1
+                    ) -> Program:
+    """The run's compiled pieces; with steps_per_call = K > 1 also `train_steps`, up to K steps in one call."""
     abstract = jax.eval_shape(lambda: init_state(model, tx, seed, seq_len))
     params_sharding = shardings.param_shardings(model, layout)
     state_sharding = shardings.state_shardings(abstract, params_sharding, layout)
     init = jax.jit(lambda: init_state(model, tx, seed, seq_len), out_shardings=state_sharding,
                    compiler_options=init_compiler_options())
+    step_fn = make_train_step(model, tx, schedule, microbatches, z_loss, layout)
     train_step = layout.traced_in(jax.jit(
-        make_train_step(model, tx, schedule, microbatches, z_loss, layout),
-        in_shardings=(state_sharding, layout.batch_sharding), out_shardings=(state_sharding, layout.replicated),
-        donate_argnums=0, compiler_options=step_compiler_options()))
+        step_fn, in_shardings=(state_sharding, layout.batch_sharding), donate_argnums=0,
+        out_shardings=(state_sharding, layout.replicated), compiler_options=step_compiler_options()))
+    train_steps = None if steps_per_call == 1 else layout.traced_in(jax.jit(
+        make_train_steps(step_fn, steps_per_call), donate_argnums=0, compiler_options=step_compiler_options(),
+        in_shardings=(state_sharding, layout.stacked_batch_sharding, layout.replicated),
+        out_shardings=(state_sharding, layout.replicated)))
     eval_step = layout.traced_in(jax.jit(make_eval_step(model, layout), out_shardings=layout.replicated,
                                          in_shardings=(params_sharding, layout.batch_sharding),
                                          compiler_options=step_compiler_options()))
     return Program(layout, shardings.with_shardings(abstract, state_sharding), state_sharding, params_sharding, init,
-                   train_step, eval_step)
+                   train_step, train_steps, eval_step)

@@ -56,6 +56,8 @@ def validate(cfg: ConfigDict) -> None:
     if train_cfg.batch_size % jax.process_count():
         raise ConfigError("train.batch_size", f"{train_cfg.batch_size} is not divisible by the process count "
                           f"{jax.process_count()}")
+    if train_cfg.get("steps_per_call", 1) <= 0:  # .get: resolved configs written before the key existed
+        raise ConfigError("train.steps_per_call", f"must be a positive integer, got {train_cfg.steps_per_call}")
     if train_cfg.get("checkpoint_minutes", 0) < 0:  # .get: resolved configs written before the key existed
         raise ConfigError("train.checkpoint_minutes", f"must be >= 0 (0: off), got {train_cfg.checkpoint_minutes}")
     if any(not isinstance(s, int) or s <= 0 for s in train_cfg.get("checkpoint_steps", ())):
@@ -85,5 +87,5 @@ def setup_run(cfg: ConfigDict, devices=None) -> RunSetup:
                          eps_multiplier=mup.adam_eps_multiplier(model_cfg))
     schedule = optim.schedule(cfg.optim, steps, tokens_per_step)
     prog = program.compile_program(Decoder(model_cfg), tx, schedule, layout, train_cfg.seed, train_cfg.seq_len,
-                                   train_cfg.microbatches, train_cfg.z_loss)
+                                   train_cfg.microbatches, train_cfg.z_loss, train_cfg.get("steps_per_call", 1))
     return RunSetup(model_cfg, steps, layout, tx, schedule, prog)

@@ -56,15 +56,23 @@ def test_tiny_learns_the_default_corpus(family, tmp_path):
 
 
 def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path):
-    cfg = config_lib.load("configs/gpt.py:size=tiny")
-    cfg.train.update(steps=40, eval_every=1000, log_every=5, checkpoint_every=5, batch_size=8, seq_len=64)
-    cfg.optim.update(warmup_steps=0, lr=1e9, grad_clip=0.0, schedule="constant", eps=1e-30)
-    cfg.model.norm_eps = 1e-30
-    cfg.data.cache_dir = str(tmp_path.parent.parent / "scalax-test-token-cache")
-    with pytest.raises(loop.TrainingDiverged, match="training diverged") as info:
-        loop.train(cfg, str(tmp_path / "run"), log=lambda m: None)
-    steps = sorted(int(s) for s in os.listdir(tmp_path / "run" / "checkpoints"))
-    bad_step = int(str(info.value).split("at step ")[1].split(":")[0])
+    """The first non-finite step is named, nothing from it on is saved; with four steps per call (the metrics of
+    a call come back together) the same step is named and the same checkpoints stay."""
+    outcomes = []
+    for steps_per_call in (1, 4):
+        cfg = config_lib.load("configs/gpt.py:size=tiny")
+        cfg.train.update(steps=40, eval_every=1000, log_every=5, checkpoint_every=5, batch_size=8, seq_len=64,
+                         steps_per_call=steps_per_call)
+        cfg.optim.update(warmup_steps=0, lr=1e9, grad_clip=0.0, schedule="constant", eps=1e-30)
+        cfg.model.norm_eps = 1e-30
+        cfg.data.cache_dir = str(tmp_path.parent.parent / "scalax-test-token-cache")
+        workdir = tmp_path / f"run{steps_per_call}"
+        with pytest.raises(loop.TrainingDiverged, match="training diverged") as info:
+            loop.train(cfg, str(workdir), log=lambda m: None)
+        steps = sorted(int(s) for s in os.listdir(workdir / "checkpoints"))
+        bad_step = int(str(info.value).split("at step ")[1].split(":")[0])
+        outcomes.append((steps, bad_step))
+    assert outcomes[0] == outcomes[1]
     assert all(s < bad_step for s in steps)  # nothing at or after the first non-finite loss was saved
 
 
@@ -79,13 +87,13 @@ def test_wall_clock_saves_fall_due_on_time_and_replace_each_other(tmp_path, monk
     cfg.data.cache_dir = str(tmp_path.parent.parent / "scalax-test-token-cache")
     clock = {"seconds": 0.0}
     monkeypatch.setattr(loop, "clock", lambda: clock["seconds"])
-    step = loop.Trainer._step
+    steps = loop.Trainer._steps
 
-    def one_minute_step(self, *args):
-        clock["seconds"] += 60.0
-        return step(self, *args)
+    def one_minute_steps(self, first, last, *args):
+        clock["seconds"] += 60.0 * (last - first + 1)
+        return steps(self, first, last, *args)
 
-    monkeypatch.setattr(loop.Trainer, "_step", one_minute_step)
+    monkeypatch.setattr(loop.Trainer, "_steps", one_minute_steps)
     saves = []
     save = loop.Trainer.save
     monkeypatch.setattr(loop.Trainer, "save", lambda self, s: (saves.append((s, clock["seconds"])), save(self, s)))

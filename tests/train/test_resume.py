@@ -109,6 +109,20 @@ def test_interrupted_run_resumes_bit_for_bit(corpus, reference, tmp_path, sig):
     assert losses(str(tmp_path / "run")) == reference[1]  # every step, bit for bit
 
 
+def test_steps_per_call_trains_the_same_steps_and_resumes(corpus, reference, tmp_path):
+    """Four steps per compiled call, the calls cut short at logs and saves (steps 1-4, 5, 6-8, 9-10, ...): the
+    one-step reference's losses, bit for bit; a SIGTERM saves at a call's end, and the resume goes on the same."""
+    workdir = str(tmp_path / "run")
+    cmd = command(corpus, workdir, "--config.train.steps_per_call=4", "--config.train.log_every=5")
+    proc, err = interrupt_after(cmd, 30, signal.SIGTERM)
+    assert proc.returncode == 143, err
+    again = run(cmd)
+    assert again.returncode == 0 and "resuming" in again.stdout, again.stderr
+    got = losses(workdir)
+    assert sorted(got) == list(range(5, STEPS + 1, 5))
+    assert got == {step: reference[1][step] for step in got}
+
+
 def test_truncated_latest_checkpoint_falls_back(corpus, reference, tmp_path):
     workdir = str(tmp_path / "run")
     assert run(command(corpus, workdir, "--config.train.steps=30")).returncode == 0

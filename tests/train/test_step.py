@@ -10,7 +10,7 @@ from scalax.config import load
 from scalax.models import Decoder
 from scalax.train import optim
 from scalax.train.state import TrainState
-from scalax.train.step import make_eval_step, make_train_step
+from scalax.train.step import make_eval_step, make_train_step, make_train_steps
 from tests.conftest import init_params, random_tokens, small_config
 
 
@@ -53,6 +53,25 @@ def test_microbatches_equal_one_big_batch(k):
     assert float(mk["grad_norm"]) == pytest.approx(float(m1["grad_norm"]), rel=1e-5)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6, rtol=1e-6), sk.params, s1.params)
     assert int(sk.step) == int(s1.step) == 1
+
+
+@pytest.mark.parametrize("n", [1, 3, 4])
+def test_train_steps_equal_as_many_single_steps(n):
+    """Up to K = 4 steps in one call (one program for every n): the state and metrics of n calls of the step,
+    the metrics past n zero."""
+    cfg, _, step, state = setup()
+    steps = jax.jit(make_train_steps(step, 4))
+    batches = jnp.stack([random_tokens(cfg, 4, 9, seed=s) for s in range(4)])
+    expected, losses, lrs = state, [], []
+    for i in range(n):
+        expected, m = step(expected, batches[i])
+        losses.append(float(m["loss"]))
+        lrs.append(float(m["lr"]))
+    got, metrics = steps(state, batches, jnp.int32(n))
+    np.testing.assert_allclose(np.asarray(metrics["loss"]), losses + [0.0] * (4 - n), rtol=1e-6)
+    np.testing.assert_allclose(np.asarray(metrics["lr"]), lrs + [0.0] * (4 - n), rtol=1e-6)
+    assert int(got.step) == n
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6, rtol=1e-5), got.params, expected.params)
 
 
 def test_z_loss_changes_the_update_not_the_logged_loss():

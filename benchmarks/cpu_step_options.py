@@ -1,5 +1,6 @@
 """The train step on CPU with XLA's default options against scalax's (program.step_compiler_options: YNNPACK
-fusions off), at quickstart shapes, in one process, the two alternating within each round.
+fusions off, LLVM O2), at quickstart shapes, in one process, the two alternating within each round; also each
+variant's compile time (the first compile of the process, a throwaway, goes before).
 
     python benchmarks/cpu_step_options.py [--shapes 16x1,64x2,128x2] [--rounds 3] [--steps 30]
 
@@ -32,11 +33,14 @@ def build(d_model: int, n_layers: int, options: dict | None):
     tokens = np.random.default_rng(0).integers(0, run.model.vocab_size, (14, 129), dtype=np.int32)
     batch = jax.device_put(tokens, run.layout.batch_sharding)
     with run.layout.context():
-        compiled = step.lower(prog.abstract_state, batch).compile()
+        lowered = step.lower(prog.abstract_state, batch)
+        start = time.perf_counter()
+        compiled = lowered.compile()
+        compile_s = time.perf_counter() - start
     state = prog.init()
     state, m = compiled(state, batch)
     jax.block_until_ready(m)
-    return {"step": compiled, "state": state, "batch": batch,
+    return {"step": compiled, "state": state, "batch": batch, "compile_s": compile_s,
             "ynn": "__ynn_fusion" in compiled.as_text()}
 
 
@@ -57,9 +61,10 @@ def main() -> None:
     args = parser.parse_args()
     ours = program.step_compiler_options()
     print(f"# {time.strftime('%Y-%m-%d')}, jax {jax.__version__}; scalax's options: {ours}")
-    print("| d_model x layers | XLA defaults ms/step | scalax's options ms/step | speed-up | YNN fusions (default, "
-          "ours) |")
-    print("|---|---|---|---|---|")
+    jax.jit(lambda x: x + 1).lower(0.0).compile()  # XLA's one-time start-up, outside the compile times
+    print("| d_model x layers | XLA defaults ms/step | scalax's options ms/step | speed-up | compile s (default, "
+          "ours) | YNN fusions (default, ours) |")
+    print("|---|---|---|---|---|---|")
     for shape in args.shapes.split(","):
         d_model, n_layers = map(int, shape.split("x"))
         variants = {"default": build(d_model, n_layers, None), "ours": build(d_model, n_layers, ours)}
@@ -69,6 +74,7 @@ def main() -> None:
                 times[k].append(ms_per_step(v, args.steps))
         default, tuned = (statistics.median(times[k]) for k in ("default", "ours"))
         print(f"| {d_model} x {n_layers} | {default:.2f} | {tuned:.2f} | {default / tuned:.2f}x | "
+              f"{variants['default']['compile_s']:.2f}, {variants['ours']['compile_s']:.2f} | "
               f"{variants['default']['ynn']}, {variants['ours']['ynn']} |", flush=True)
 
 

@@ -34,13 +34,15 @@ def init_compiler_options() -> dict[str, Any] | None:
 def step_compiler_options() -> dict[str, Any] | None:
     """XLA options for the train and eval steps. On CPU, XLA's YNNPACK fusions off (jax 0.10 turns them on): at
     quickstart shapes a softmax-gradient reduction took 2.2 ms of a 14 ms step inside one, and without them the
-    step ran 1.06-1.37x faster for models of d_model 16-128 (benchmarks/cpu_step_options.py). The same
-    numerics up to float rounding order. Where this XLA has no such option, and elsewhere, the defaults.
-    (XLA's tree-reduction rewrite stays on: the quickstart's 1-layer steps ran 1.04-1.2x faster without it,
-    issue #14's float32 GPT step, d_model 256, 1.6x slower.)"""
+    step ran 1.06-1.37x faster for models of d_model 16-128 (benchmarks/cpu_step_options.py). And LLVM's O2
+    instead of XLA's default O3 (`xla_backend_optimization_level`): the quickstart's steps compile 0.03-1.1 s
+    sooner of 3.5-5 s and run as fast or faster (d16 x 1: 5.3 -> 4.7 ms); issue #14's d256 GPT step the same
+    within noise. The same numerics up to float rounding order. Where this XLA has no such option, and
+    elsewhere, the defaults. (XLA's tree-reduction rewrite stays on: the quickstart's 1-layer steps ran 1.04-1.2x
+    faster without it, issue #14's float32 GPT step, d_model 256, 1.6x slower.)"""
     if jax.default_backend() != "cpu":
         return None
-    options = {"xla_cpu_experimental_ynn_fusion_type": ""}
+    options = {"xla_cpu_experimental_ynn_fusion_type": "", "xla_backend_optimization_level": 2}
     try:
         jax.jit(lambda x: x + 1, compiler_options=options).lower(0.0).compile()
     except Exception:  # an XLA without the option: "No such compile option"

@@ -1,5 +1,5 @@
 """The quickstart: an IsoFLOP sweep of small LLaMA models on the default corpus (the stdlib), then the fits and
-plots: about 7 minutes on a 2-core CPU (experiments/quickstart/README.md).
+plots: about 6 minutes on a 2-core CPU (experiments/quickstart/README.md).
 
     scalax sweep --config=configs/sweeps/quickstart.py --workdir=runs/quickstart
 """

@@ -281,17 +281,20 @@ class Trainer:
             progress.close()
             self.metrics_log.close()
 
+    def _due(self, step: int) -> tuple[bool, bool, bool]:
+        """(log, save, evaluation): what the step counts make due at `step` (at the last step, all three)."""
+        train_cfg, is_last = self.train_cfg, step == self.run_setup.steps
+        return (step % train_cfg.log_every == 0 or is_last,
+                step % train_cfg.checkpoint_every == 0 or step in train_cfg.get("checkpoint_steps", ()) or is_last,
+                step % train_cfg.eval_every == 0 or is_last)
+
     def _call_end(self, first: int) -> int:
         """The last step of the call that starts at `first`: the next multiple of train.steps_per_call (calls
         aligned the same in a run and its resumes), the run's last step, or the first step before either at
         which a log, evaluation or save falls due."""
-        train_cfg, k = self.train_cfg, self.train_cfg.get("steps_per_call", 1)
+        k = self.train_cfg.get("steps_per_call", 1)
         end = min(-(-first // k) * k, self.run_setup.steps)
-        for step in range(first, end):
-            if (step % train_cfg.log_every == 0 or step % train_cfg.eval_every == 0
-                    or step % train_cfg.checkpoint_every == 0 or step in train_cfg.get("checkpoint_steps", ())):
-                return step
-        return end
+        return next((step for step in range(first, end) if any(self._due(step))), end)
 
     def _train(self, first: int, last: int) -> None:
         """Steps first..last in one compiled call; their metrics join the pending ones."""
@@ -315,10 +318,9 @@ class Trainer:
                ) -> bool:
         """Optimizer steps first..step, and whatever falls due at `step`: a log record, an evaluation, a
         checkpoint. True when a preemption saved it and the run must stop."""
-        train_cfg, is_last = self.train_cfg, step == self.run_setup.steps
+        is_last = step == self.run_setup.steps
         self._train(first, step)
-        logs, saves = step % train_cfg.log_every == 0 or is_last, step % train_cfg.checkpoint_every == 0 or is_last
-        saves = saves or step in train_cfg.get("checkpoint_steps", ())
+        logs, saves, evaluates = self._due(step)
         preempted = preemption.due(step)
         saves = saves or preempted or (logs and self._time_save_due())
         if logs or saves:
@@ -326,7 +328,7 @@ class Trainer:
             if record is not None and logs:
                 self.metrics_log.write(record)
                 progress.update(record)
-        if step % train_cfg.eval_every == 0 or is_last:
+        if evaluates:
             record = {"step": step, **self.evaluate(self.state.params)}
             self.metrics_log.write(record)
             self.log(f"step {step}/{self.run_setup.steps}  eval {record['eval_loss']:.4f} nats/token "

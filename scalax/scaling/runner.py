@@ -1,5 +1,6 @@
 """The sweep runner: trains each planned run in its own process (one after another, or K at a time), keeps a
-ledger, and fits and plots at the end.
+ledger, and fits and plots at the end. The processes are forked from a server that has imported the training
+code once (forkserver.py), which saves each run the interpreter's start and some 2 s of imports.
 
 K at a time (`--parallel K`, or `sweep.parallel`): the runner's CPUs are split into K equal sets and each child
 is pinned to one, so that K runs on K cores do not fight over each other's XLA thread pools (unpinned, two runs
@@ -10,8 +11,8 @@ that no core idles at the end waiting for one long run.
 wall seconds, the training split's unique tokens and the epochs over it, the error), rewritten atomically on
 every change, so a killed sweep never doubles or loses a record. Started again, the runner skips finished runs
 and restarts the others, which resume from their own checkpoints (`DIR/runs/NAME`). A failed or diverged run
-is recorded and the sweep goes on. Each child gets SIGTERM when the runner dies (Linux), so it checkpoints
-instead of running on unsupervised.
+is recorded and the sweep goes on. Each child gets SIGTERM when the runner dies (Linux: through the fork
+server), so it checkpoints instead of running on unsupervised.
 
 With `sweep.fit_device` set (v4, v5e, v5p, v6e, h100, h200, or a size such as 16GiB) and `sweep.fit_devices`
 (the slice's device count), each run is first planned (`scalax plan`: an ahead-of-time compile on that many
@@ -21,7 +22,6 @@ and not trained.
 
 from __future__ import annotations
 
-import ctypes
 import dataclasses
 import json
 import os
@@ -40,30 +40,11 @@ from scalax.models import positions
 from scalax.parallel.devices import DEVICE_MEMORY
 from scalax.scaling import analysis
 from scalax.scaling import sweep as sweep_lib
+from scalax.scaling.forkserver import ForkedChild, ForkServer
 from scalax.scaling.results import FitResult, jsonable
 
 FINISHED, FAILED, DIVERGED, PENDING, RUNNING, SKIPPED = ("finished", "failed", "diverged", "pending", "running",
                                                          "skipped")
-
-
-def _die_with_parent() -> None:
-    """In the child: ask Linux to send SIGTERM when the parent (the runner) exits."""
-    try:
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-    except OSError:
-        pass
-
-
-def child_setup(cpus: set[int] | None = None):
-    """A child's preexec_fn: die with the runner and, given `cpus`, run only on them (XLA then sizes its thread
-    pool by the CPUs it may use)."""
-
-    def setup() -> None:
-        _die_with_parent()
-        if cpus:
-            os.sched_setaffinity(0, cpus)
-
-    return setup
 
 
 class Ledger:
@@ -114,7 +95,7 @@ def cpu_sets(parallel: int) -> list[set[int] | None]:
 
 @dataclasses.dataclass
 class Child:
-    proc: subprocess.Popen
+    proc: ForkedChild
     started: float
     tail: object  # log_tail's function
     slot: int
@@ -148,7 +129,7 @@ def run_sweep(cfg: ConfigDict, workdir: str, parallel: int | None = None, log=pr
         log(f"sweep: {sweep_lib.branch_cost_line([r.record() for r in planned], flops_key)}")
     bar = tqdm(total=len(planned), initial=len(planned) - len(todo), unit="run", disable=None, file=sys.stderr)
     active: dict[str, Child] = {}
-    queue, cpus = list(todo), cpu_sets(parallel)
+    queue, cpus, server = list(todo), cpu_sets(parallel), ForkServer()
     try:
         while queue or active:
             while len(active) < parallel and (run := _next_ready(queue, ledger, active, bar, log)):
@@ -161,7 +142,7 @@ def run_sweep(cfg: ConfigDict, workdir: str, parallel: int | None = None, log=pr
                     continue
                 tail = log_tail(workdir, run.name)  # from the log's current end: a resumed run's old lines stay
                 slot = min(set(range(parallel)) - {c.slot for c in active.values()})
-                active[run.name] = Child(*_start(cfg, run, workdir, cpus[slot]), tail, slot)
+                active[run.name] = Child(*_start(cfg, run, workdir, cpus[slot], server), tail, slot)
                 ledger.update(run.name, status=RUNNING)
             time.sleep(0.2)
             _collect(active, workdir, ledger, bar, log)
@@ -171,6 +152,7 @@ def run_sweep(cfg: ConfigDict, workdir: str, parallel: int | None = None, log=pr
             child.proc.send_signal(signal.SIGTERM)
         for child in active.values():
             child.proc.wait()
+        server.close()
     multiples = cfg.sweep.get("eval_lengths", ())
     for name, record in list(ledger.records.items()):  # (runs finished by an earlier sweep command too)
         if multiples and record["status"] == FINISHED and f"eval_loss_{multiples[-1]:g}x" not in record:
@@ -295,15 +277,14 @@ def upload_log(workdir: str, name: str) -> None:
         io.upload(log_path(workdir, name), io.join(run_dir, "train.log"))
 
 
-def _start(cfg: ConfigDict, run, workdir: str, cpus: set[int] | None = None) -> tuple[subprocess.Popen, float]:
-    """`scalax train` of the run in a child process (pinned to `cpus`, when given)."""
+def _start(cfg: ConfigDict, run, workdir: str, cpus: set[int] | None,
+           server: ForkServer) -> tuple[ForkedChild, float]:
+    """`scalax train` of the run in a child process forked by `server` (pinned to `cpus`, when given)."""
     config_path = write_run_config(cfg, run, workdir)
     run_dir = io.join(workdir, "runs", run.name)
-    with open(log_path(workdir, run.name), "a") as log_file:  # the child keeps its own descriptor
-        proc = subprocess.Popen([sys.executable, "-m", "scalax", "train", f"--config={config_path}",
-                                 f"--workdir={run_dir}"], stdout=log_file, stderr=subprocess.STDOUT,
-                                preexec_fn=child_setup(cpus), env={**os.environ, "PYTHONUNBUFFERED": "1"})
-    return proc, time.time()
+    child = server.start_child(["train", f"--config={config_path}", f"--workdir={run_dir}"],
+                               log_path(workdir, run.name), cpus)
+    return child, time.time()
 
 
 def _does_not_fit(cfg: ConfigDict, run, workdir: str) -> str | None:

@@ -247,13 +247,13 @@ def test_parallel_children_get_equal_disjoint_cpu_sets(monkeypatch):
 @pytest.mark.skipif(not hasattr(os, "sched_setaffinity") or len(os.sched_getaffinity(0)) < 2,
                     reason="needs CPU affinity and two CPUs")
 def test_a_child_runs_on_its_cpu_set_only():
-    """The preexec function that `scalax sweep --parallel K` starts each run with, on a real child process."""
-    from scalax.scaling import runner
+    """The set-up that `scalax sweep --parallel K` starts each run with, on a real child process."""
+    from scalax.scaling import forkserver
 
     cpu = max(os.sched_getaffinity(0))
     show = [sys.executable, "-c", "import os; print(sorted(os.sched_getaffinity(0)))"]
-    pinned = subprocess.run(show, preexec_fn=runner.child_setup({cpu}), capture_output=True, text=True, check=True)
-    free = subprocess.run(show, preexec_fn=runner.child_setup(None), capture_output=True, text=True, check=True)
+    pinned = subprocess.run(show, preexec_fn=forkserver.child_setup({cpu}), capture_output=True, text=True, check=True)
+    free = subprocess.run(show, preexec_fn=forkserver.child_setup(None), capture_output=True, text=True, check=True)
     assert json.loads(pinned.stdout) == [cpu]
     assert json.loads(free.stdout) == sorted(os.sched_getaffinity(0))
 
@@ -271,7 +271,7 @@ def test_parallel_sweeps_start_the_most_expensive_runs_first(tmp_path, monkeypat
         def poll(self):
             return 0
 
-    def fake_start(cfg, run, workdir, cpus=None):
+    def fake_start(cfg, run, workdir, cpus, server):
         started.append((run, cpus))
         return Done(), time.time()
 

@@ -25,6 +25,7 @@ def experiment(family: str, arg: str | None) -> ml_collections.ConfigDict:
         "log_every": 10,  # steps between metrics records
         "eval_every": 100,  # steps between evaluations (and at the last step)
         "eval_windows": 64,  # fixed validation windows per evaluation
+        "eval_batch_size": 0,  # windows per evaluation batch (0: train.batch_size)
         "checkpoint_every": 100,  # steps between kept checkpoints ...
         "keep_checkpoints": 3,  # ... of which the newest this many stay
         "checkpoint_steps": (),  # also save at these steps, and keep them (a wsd_branch trunk's branch points)

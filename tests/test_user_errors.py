@@ -95,6 +95,10 @@ def test_broken_config_files_are_one_line(capsys, tmp_path):
     (["prepare", "--config=configs/llama.py", "--workers=-2"], "--workers", "one per core"),
     (["train", "--config=configs/llama.py:size=tiny", "--workdir={tmp}/run", "--config.train.steps_per_call=0"],
      "train.steps_per_call", "positive integer"),
+    (["train", "--config=configs/llama.py:size=tiny", "--workdir={tmp}/run", "--config.train.eval_batch_size=-1"],
+     "train.eval_batch_size", "must be >= 0"),
+    (["train", "--config=configs/llama.py:size=tiny", "--workdir={tmp}/run", "--config.train.eval_batch_size=3"],
+     "train.eval_batch_size", "must divide over mesh.data x mesh.fsdp = 8"),
     (["prepare", "--config=configs/llama.py", "--config.data.shard_tokens=0", "--config.data.corpus={tmp}/one.txt",
       "--config.data.cache_dir={tmp}/cache"], "data.shard_tokens", "positive integer"),
 ])

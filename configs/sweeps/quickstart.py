@@ -15,9 +15,10 @@ def get_config(arg: str | None = None):
     # Byte-level models this small learn mostly local statistics: a context of 128 is enough and twice as cheap.
     cfg.base.model.max_seq_len = 128
     # A checkpoint every 2,000 steps (10-60 s of these runs): each save costs about 0.2 s here. Ten steps per
-    # compiled call: these steps take 5-90 ms, and a call's dispatch about 1 ms.
-    cfg.base.train.update(seq_len=128, eval_every=1_000_000, eval_windows=512, log_every=50, checkpoint_every=2000,
-                          steps_per_call=10)
+    # compiled call: these steps take 5-90 ms, and a call's dispatch about 1 ms. One evaluation batch for every
+    # budget's batch size: runs of one model at several budgets share the compiled evaluation (about 1 s each).
+    cfg.base.train.update(seq_len=128, eval_every=1_000_000, eval_windows=512, eval_batch_size=32, log_every=50,
+                          checkpoint_every=2000, steps_per_call=10)
     cfg.sweep = ConfigDict({
         "kind": "isoflop",
         "family": "llama",

@@ -149,6 +149,19 @@ class PreemptionWatch:
         return self.requested
 
 
+def eval_batch_size(train_cfg: ConfigDict) -> int:
+    """train.eval_batch_size, or train.batch_size where it is 0 (or absent: configs written before it existed)."""
+    return train_cfg.get("eval_batch_size", 0) or train_cfg.batch_size
+
+
+def eval_batches(windows_NxT1: np.ndarray, batch_size: int):
+    """`windows` in consecutive batches of `batch_size`, the last one padded with copies of its first window:
+    yields (batch [batch_size, T + 1], how many of its windows are real, from the first)."""
+    for i in range(0, len(windows_NxT1), batch_size):
+        chunk = windows_NxT1[i : i + batch_size]
+        yield np.concatenate([chunk, np.repeat(chunk[:1], batch_size - len(chunk), axis=0)]), len(chunk)
+
+
 class Trainer:
     """One run's loop: its state, data iterator, counters and logs, and the steps from its start to its end."""
 
@@ -199,13 +212,10 @@ class Trainer:
 
     # ------------------------------------------------------------------ evaluation
     def _eval_chunks(self):
-        """The fixed windows in global batches of train.batch_size (the last one padded, its padding dropped)."""
-        batch_size, sharding = self.train_cfg.batch_size, self.run_setup.layout.batch_sharding
-        for i in range(0, len(self.eval_windows), batch_size):
-            chunk = self.eval_windows[i : i + batch_size]
-            padded = np.concatenate([chunk, np.repeat(chunk[:1], batch_size - len(chunk), axis=0)])
-            array = jax.make_array_from_callback(padded.shape, sharding, lambda idx, x=padded: x[idx])
-            yield array, len(chunk)
+        """The fixed windows as global arrays of train.eval_batch_size (0: train.batch_size) windows each."""
+        sharding = self.run_setup.layout.batch_sharding
+        for padded, n in eval_batches(self.eval_windows, eval_batch_size(self.train_cfg)):
+            yield jax.make_array_from_callback(padded.shape, sharding, lambda idx, x=padded: x[idx]), n
 
     def evaluate(self, params) -> dict:
         eval_step = self.run_setup.program.eval_step

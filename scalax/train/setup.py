@@ -56,6 +56,9 @@ def validate(cfg: ConfigDict) -> None:
     if train_cfg.batch_size % jax.process_count():
         raise ConfigError("train.batch_size", f"{train_cfg.batch_size} is not divisible by the process count "
                           f"{jax.process_count()}")
+    if train_cfg.get("eval_batch_size", 0) < 0:  # .get: resolved configs written before the key existed
+        raise ConfigError("train.eval_batch_size", f"must be >= 0 (0: train.batch_size), got "
+                          f"{train_cfg.eval_batch_size}")
     if train_cfg.get("steps_per_call", 1) <= 0:  # .get: resolved configs written before the key existed
         raise ConfigError("train.steps_per_call", f"must be a positive integer, got {train_cfg.steps_per_call}")
     if train_cfg.get("checkpoint_minutes", 0) < 0:  # .get: resolved configs written before the key existed
@@ -81,6 +84,9 @@ def setup_run(cfg: ConfigDict, devices=None) -> RunSetup:
     if microbatch % layout.batch_shards:
         raise ConfigError("train.microbatches", f"each microbatch of {microbatch} sequences must divide over "
                           f"mesh.data x mesh.fsdp = {layout.batch_shards}")
+    if train_cfg.get("eval_batch_size", 0) % layout.batch_shards:
+        raise ConfigError("train.eval_batch_size", f"must divide over mesh.data x mesh.fsdp = {layout.batch_shards}"
+                          f", got {train_cfg.eval_batch_size}")
     tokens_per_step = train_cfg.batch_size * train_cfg.seq_len
     multiplier = functools.partial(mup.lr_multiplier, model_cfg) if model_cfg.parameterization == "mup" else None
     tx = optim.optimizer(cfg.optim, steps, tokens_per_step, lr_multiplier=multiplier,

@@ -170,3 +170,16 @@ def test_cpu_steps_compile_without_ynn_fusions_and_train_the_same():
         b, _ = tuned(b, batch)
     for x, y in zip(jax.tree.leaves(a.params), jax.tree.leaves(b.params), strict=True):
         np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-5, atol=1e-6)
+
+
+def test_eval_batches_hold_every_window_once_in_order():
+    """The evaluation's batches (train/loop.py) against the windows themselves: full batches of the given size,
+    the last one padded, and the real rows of all of them, in order, the windows exactly."""
+    from scalax.train.loop import eval_batches
+
+    windows = np.random.default_rng(0).integers(0, 256, (50, 9), dtype=np.int32)
+    for batch_size in (1, 7, 16, 50, 64):
+        batches = list(eval_batches(windows, batch_size))
+        assert len(batches) == -(-50 // batch_size)
+        assert all(b.shape == (batch_size, 9) for b, _ in batches)
+        np.testing.assert_array_equal(np.concatenate([b[:n] for b, n in batches]), windows)

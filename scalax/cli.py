@@ -152,15 +152,21 @@ def cmd_prepare(args: argparse.Namespace, overrides: list[str]) -> int:
 
 def cmd_sweep(args: argparse.Namespace, overrides: list[str]) -> int:
     """Run (or resume) a sweep, then fit and plot; exit status 1 when a run did not finish."""
-    from scalax import config as config_lib
-    from scalax.scaling import runner
-
     if args.parallel is not None and args.parallel <= 0:
         raise ConfigError("--parallel", f"must be a positive integer, got {args.parallel}")
-    cfg = config_lib.load(args.config, overrides)
-    runner.check_sweep_config(cfg)
-    io.check_output_dir(args.workdir, "--workdir")
-    runner.run_sweep(cfg, args.workdir, args.parallel, force=args.force)
+    from scalax.scaling.forkserver import ForkServer
+
+    server = ForkServer().start()  # it imports the training code on another core while this process plans
+    try:
+        from scalax import config as config_lib
+        from scalax.scaling import runner
+
+        cfg = config_lib.load(args.config, overrides)
+        runner.check_sweep_config(cfg)
+        io.check_output_dir(args.workdir, "--workdir")
+        runner.run_sweep(cfg, args.workdir, args.parallel, force=args.force, server=server)
+    finally:
+        server.close()
     unfinished = runner.Ledger(args.workdir).unfinished()
     if unfinished:
         for r in unfinished:

@@ -50,20 +50,27 @@ def child_setup(cpus: set[int] | None = None):
 
 
 class ForkServer:
-    """The runner's end: starts the server on first use; `start_child` forks a run, `close` ends the server."""
+    """The runner's end: `start` starts the server (else the first `start_child`), `start_child` forks a run,
+    `close` ends the server."""
 
     def __init__(self):
         self._proc: subprocess.Popen | None = None
         self._buffer = b""
         self.returncodes: dict[int, int] = {}
         self.dead = False
+        self._forked = False
+
+    def start(self) -> ForkServer:
+        """Start the server (if it is not running yet): it imports while this process goes on."""
+        if self._proc is None:
+            self._proc = subprocess.Popen([sys.executable, "-m", "scalax.scaling.forkserver"], stdin=subprocess.PIPE,
+                                          stdout=subprocess.PIPE, preexec_fn=_die_with_parent)
+        return self
 
     def start_child(self, argv: list[str], log_path: str, cpus: set[int] | None = None) -> ForkedChild:
         """Fork `scalax ARGV` with stdout and stderr appended to `log_path`, pinned to `cpus` (None: not pinned),
         in this process's current environment and directory."""
-        if self._proc is None:
-            self._proc = subprocess.Popen([sys.executable, "-m", "scalax.scaling.forkserver"], stdin=subprocess.PIPE,
-                                          stdout=subprocess.PIPE, preexec_fn=_die_with_parent)
+        self.start()
         request = {"argv": argv, "log": log_path, "cpus": sorted(cpus) if cpus else None, "env": dict(os.environ),
                    "cwd": os.getcwd()}
         try:
@@ -73,6 +80,7 @@ class ForkServer:
             self._pump(block=False)  # (says how it ended)
         while "returncode" in (reply := self._read_line(block=True)):  # (another child's end came first)
             self._record(reply)
+        self._forked = True
         return ForkedChild(self, reply["pid"])
 
     def _read_line(self, block: bool) -> dict | None:
@@ -101,8 +109,11 @@ class ForkServer:
             block = False
 
     def close(self) -> None:
-        """End the server (its children get SIGTERM: call this once they have ended)."""
+        """End the server (its children get SIGTERM: call this once they have ended); one that never forked is
+        killed (it may still be importing)."""
         if self._proc is not None:
+            if not self._forked:
+                self._proc.kill()
             try:
                 self._proc.stdin.close()
             except BrokenPipeError:  # (it had ended)

@@ -107,10 +107,11 @@ def check_sweep_config(cfg: ConfigDict, key: str = "--config") -> None:
                           "allowed: a sweep config such as configs/sweeps/quickstart.py")
 
 
-def run_sweep(cfg: ConfigDict, workdir: str, parallel: int | None = None, log=print,
-              force: bool = False) -> FitResult | None:
+def run_sweep(cfg: ConfigDict, workdir: str, parallel: int | None = None, log=print, force: bool = False,
+              server: ForkServer | None = None) -> FitResult | None:
     """Train every run of the sweep that has not finished, `parallel` at a time (default `sweep.parallel`, else
-    1), then fit and plot; returns the fit. A workdir that holds a sweep of another config is refused, naming
+    1), each forked by `server` (default: a new one), which is closed at the end; then fit and plot; returns the
+    fit. A workdir that holds a sweep of another config is refused, naming
     what changed, unless `force`: then the runs whose config changed (or that left the grid) are moved to
     DIR/replaced/ and trained again."""
     check_sweep_config(cfg)
@@ -129,7 +130,7 @@ def run_sweep(cfg: ConfigDict, workdir: str, parallel: int | None = None, log=pr
         log(f"sweep: {sweep_lib.branch_cost_line([r.record() for r in planned], flops_key)}")
     bar = tqdm(total=len(planned), initial=len(planned) - len(todo), unit="run", disable=None, file=sys.stderr)
     active: dict[str, Child] = {}
-    queue, cpus, server = list(todo), cpu_sets(parallel), ForkServer()
+    queue, cpus, server = list(todo), cpu_sets(parallel), server or ForkServer()
     try:
         while queue or active:
             while len(active) < parallel and (run := _next_ready(queue, ledger, active, bar, log)):

@@ -159,6 +159,7 @@ def test_fit_csv_json(capsys, tmp_path):
     (["fit", "--csv", "{tmp}/text.csv"], "is not a number"),
     (["fit", "--csv", "{tmp}/negative.csv"], "must be a positive number"),
     (["fit"], "give a sweep directory or --csv FILE"),
+    (["fit", "--csv", "{tmp}/bad.csv", "--flops=6nd"], "--flops: unknown FLOPs convention '6nd'; allowed: 6n,"),
     (["fit", "--csv", "{tmp}/bad.csv", "--approach", "4"], "lacks the column"),
     (["sweep", "--config=configs/sweeps/quickstart.py", "--workdir={tmp}/s", "--config.sweep.n_budgets=0"],
      "sweep.n_budgets"),
@@ -176,16 +177,20 @@ def test_fit_sweep_plot_user_errors_one_line(capsys, tmp_path, argv, words):
     assert len(lines) == 1 and words in lines[0], err
 
 
-def test_parser_imports_no_scipy_and_offers_every_approach():
-    """Every `scalax` command builds the whole parser: it must not import scipy (the fits' 0.3 s, paid by each
-    sweep run's process), and `fit --approach` offers exactly what analysis.analyse accepts."""
-    code = ("import sys; from scalax import cli; p = cli.build_parser(); print('scipy' in sys.modules); "
-            "a = [x for x in p._subparsers._group_actions[0].choices['fit']._actions if x.dest == 'approach'][0]; "
-            "print(a.help)")
+def test_parser_imports_no_scipy_nor_jax_and_offers_every_approach():
+    """Every `scalax` command builds the whole parser: it must not import scipy (the fits' 0.3 s) nor JAX (1-1.5 s:
+    `scalax sweep` starts its fork server first, to import while the runner plans), and `fit --approach` offers
+    exactly what analysis.analyse accepts, `fit --flops` the FLOPs conventions."""
+    code = ("import sys; from scalax import cli; p = cli.build_parser(); print('scipy' in sys.modules, 'jax' in "
+            "sys.modules); fit = p._subparsers._group_actions[0].choices['fit']._actions; "
+            "print([x for x in fit if x.dest == 'approach'][0].help); print([x for x in fit if x.dest == 'flops'][0]"
+            ".help)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=REPO)
-    imported, help_text = out.stdout.strip().splitlines()
-    assert imported == "False"
+    imported, help_text, flops_help = out.stdout.strip().splitlines()
+    assert imported == "False False"
+    from scalax.models import flops
     from scalax.scaling import analysis, fit
 
     assert set(analysis.APPROACHES) == {*fit.APPROACHES, "data_constrained"}
     assert help_text.startswith("one of " + ", ".join(analysis.APPROACHES))
+    assert flops_help.startswith(f"C of a sweep: {', '.join(flops.CONVENTIONS[:-1])} or {flops.CONVENTIONS[-1]} ")

@@ -15,7 +15,7 @@ def get_config(arg: str | None = None):
     # Byte-level models this small learn mostly local statistics: a context of 128 is enough and twice as cheap.
     cfg.base.model.max_seq_len = 128
     # float32 compute: on a CPU bfloat16 buys no speed (these steps ran within 5% either way) and its casts cost
-    # compile time (a run's train step compiled 1-1.5 s sooner in float32: 3.0-4.5 s against 4.1-5.6 s).
+    # compile time (a run's train step compiled 0.6-1.8 s sooner in float32: 2.8-4.5 s against 3.9-5.6 s).
     cfg.base.model.dtype = "float32"
     # A checkpoint every 2,000 steps (10-60 s of these runs): each save costs about 0.2 s here. Ten steps per
     # compiled call: these steps take 5-90 ms, and a call's dispatch about 1 ms. One evaluation batch for every

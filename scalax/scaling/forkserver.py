@@ -2,13 +2,13 @@
 orbax, grain, tensorboard: about 2 s of a CPU) and forks a child for each run, which then runs `scalax ARGV`
 as `python -m scalax ARGV` would. A quickstart run of 20 s saves the 2 s of imports and the interpreter's start.
 
-The server is started by the runner (`ForkServer.start_child`, on the first run) with the runner's environment,
-imports, and then answers requests on its stdin, one JSON line each: {"argv": [...], "log": PATH, "cpus":
-[...] | null, "env": {...}, "cwd": DIR} -> {"pid": PID}; when a child ends it writes {"pid": PID, "returncode": CODE}
-(Popen's convention: -N for a child ended by signal N). Imports start no backend: JAX starts its devices in
-each child, after the fork. A child gets SIGTERM when the server exits, and the server when the runner exits
-(Linux), so a killed sweep's runs checkpoint and stop as before; the server ignores Ctrl-C, which the runs
-handle themselves.
+`scalax sweep` starts the server before it plans (`ForkServer.start`; else the first `start_child` does), so
+that it imports on another core meanwhile; it then answers requests on its stdin, one JSON line each:
+{"argv": [...], "log": PATH, "cpus": [...] | null, "env": {...}, "cwd": DIR} -> {"pid": PID}; when a child ends
+it writes {"pid": PID, "returncode": CODE} (Popen's convention: -N for a child ended by signal N). Imports start
+no backend: JAX starts its devices in each child, after the fork. A child gets SIGTERM when the server exits, and
+the server when the runner exits (Linux), so a killed sweep's runs checkpoint and stop as before; the server
+ignores Ctrl-C, which the runs handle themselves.
 """
 
 from __future__ import annotations

@@ -16,6 +16,7 @@ from __future__ import annotations
 import ctypes
 import json
 import os
+import runpy
 import select
 import signal
 import subprocess
@@ -25,6 +26,7 @@ import traceback
 
 from scalax.errors import ScalaxError
 
+# What the server imports before it forks (by name: the server runs `python -m scalax` and imports nothing of it):
 PRELOAD = ("scalax.cli", "scalax.train.loop", "scalax.train.metrics", "tensorboard.summary.writer.event_file_writer",
            "tensorboard.compat.proto.summary_pb2", "tqdm.auto")
 
@@ -164,8 +166,6 @@ def _run_child(request: dict) -> None:
     end: exit handlers run, threads are joined); never returns."""
     code = 1
     try:
-        from scalax.cli import main
-
         child_setup(set(request["cpus"]) if request["cpus"] else None)()
         signal.signal(signal.SIGINT, signal.default_int_handler)
         log = os.open(request["log"], os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
@@ -181,7 +181,8 @@ def _run_child(request: dict) -> None:
         os.environ.update(request["env"])
         os.chdir(request["cwd"])
         sys.argv = ["scalax", *request["argv"]]
-        code = main(request["argv"])
+        runpy.run_module("scalax", run_name="__main__", alter_sys=True)  # as `python -m scalax` (which exits)
+        code = 0
     except SystemExit as e:
         code = e.code if isinstance(e.code, int) else 1
     except BaseException:

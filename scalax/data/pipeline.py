@@ -97,3 +97,11 @@ def eval_windows(tokens: np.ndarray, seq_len: int, count: int) -> np.ndarray:
     n = min(count, len(windows))
     idx = np.linspace(0, len(windows) - 1, n).round().astype(int) if n > 1 else np.zeros(n, int)
     return np.stack([windows[i] for i in np.unique(idx)])
+
+
+def eval_batches(windows_NxT1: np.ndarray, batch_size: int):
+    """`windows` in consecutive batches of `batch_size`, the last one padded with copies of its first window (one
+    program for all): yields (batch [batch_size, T + 1], how many of its windows are real, from the first)."""
+    for i in range(0, len(windows_NxT1), batch_size):
+        chunk = windows_NxT1[i : i + batch_size]
+        yield np.concatenate([chunk, np.repeat(chunk[:1], batch_size - len(chunk), axis=0)]), len(chunk)

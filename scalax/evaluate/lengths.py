@@ -90,12 +90,8 @@ def run_layout(cfg, model: ModelConfig, log=print) -> mesh_lib.Layout:
 
 def _losses(fn, params, windows: np.ndarray, batch: int) -> np.ndarray:
     """Per-token losses [N, L] of N windows, `batch` at a time (the last batch padded: one program)."""
-    out = []
-    for i in range(0, len(windows), batch):
-        chunk = windows[i : i + batch]
-        padded = np.concatenate([chunk, np.repeat(chunk[:1], batch - len(chunk), axis=0)])
-        out.append(np.asarray(fn(params, jnp.asarray(padded)))[: len(chunk)])
-    return np.concatenate(out)
+    return np.concatenate([np.asarray(fn(params, jnp.asarray(padded)))[:n]
+                           for padded, n in pipeline.eval_batches(windows, batch)])
 
 
 def strided_windows(n_inputs: int, length: int, stride: int) -> list[tuple[int, int]]:

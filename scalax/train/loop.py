@@ -154,14 +154,6 @@ def eval_batch_size(train_cfg: ConfigDict) -> int:
     return train_cfg.get("eval_batch_size", 0) or train_cfg.batch_size
 
 
-def eval_batches(windows_NxT1: np.ndarray, batch_size: int):
-    """`windows` in consecutive batches of `batch_size`, the last one padded with copies of its first window:
-    yields (batch [batch_size, T + 1], how many of its windows are real, from the first)."""
-    for i in range(0, len(windows_NxT1), batch_size):
-        chunk = windows_NxT1[i : i + batch_size]
-        yield np.concatenate([chunk, np.repeat(chunk[:1], batch_size - len(chunk), axis=0)]), len(chunk)
-
-
 class Trainer:
     """One run's loop: its state, data iterator, counters and logs, and the steps from its start to its end."""
 
@@ -214,7 +206,7 @@ class Trainer:
     def _eval_chunks(self):
         """The fixed windows as global arrays of train.eval_batch_size (0: train.batch_size) windows each."""
         sharding = self.run_setup.layout.batch_sharding
-        for padded, n in eval_batches(self.eval_windows, eval_batch_size(self.train_cfg)):
+        for padded, n in pipeline.eval_batches(self.eval_windows, eval_batch_size(self.train_cfg)):
             yield jax.make_array_from_callback(padded.shape, sharding, lambda idx, x=padded: x[idx]), n
 
     def evaluate(self, params) -> dict:

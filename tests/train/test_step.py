@@ -173,9 +173,10 @@ def test_cpu_steps_compile_without_ynn_fusions_and_train_the_same():
 
 
 def test_eval_batches_hold_every_window_once_in_order():
-    """The evaluation's batches (train/loop.py) against the windows themselves: full batches of the given size,
-    the last one padded, and the real rows of all of them, in order, the windows exactly."""
-    from scalax.train.loop import eval_batches
+    """The evaluation's batches (data/pipeline.py: the loop's and `scalax eval`'s) against the windows
+    themselves: full batches of the given size, the last one padded, and the real rows of all of them, in order,
+    the windows exactly."""
+    from scalax.data.pipeline import eval_batches
 
     windows = np.random.default_rng(0).integers(0, 256, (50, 9), dtype=np.int32)
     for batch_size in (1, 7, 16, 50, 64):

@@ -78,6 +78,12 @@ def _llama31(d, L, h, f):
                   rope_original_context=8192)
 
 
+def _llama32(d, L, h, f):  # small LLaMA 3.2 models: tied embeddings, context scaled 32x from 8192
+    return _llama(LLAMA3_VOCAB, 131072, 1e-5, 500000.0, d, L, h, 8, f, rope_scaling="llama3",
+                  rope_scaling_factor=32.0, rope_low_freq_factor=1.0, rope_high_freq_factor=4.0,
+                  rope_original_context=8192, tie_embeddings=True)
+
+
 PRESETS: dict[str, dict[str, Any]] = {
     "gpt2-small": _gpt2(768, 12, 12),
     "gpt2-medium": _gpt2(1024, 24, 16),
@@ -103,6 +109,8 @@ PRESETS: dict[str, dict[str, Any]] = {
     "llama3.1-8b": _llama31(4096, 32, 32, 14336),
     "llama3.1-70b": _llama31(8192, 80, 64, 28672),
     "llama3.1-405b": _llama31(16384, 126, 128, 53248),
+    "llama3.2-1b": _llama32(2048, 16, 32, 8192),
+    "llama3.2-3b": _llama32(3072, 28, 24, 8192),
 }
 
 # Nominal sizes from the GPT-3 paper, table 2.1 (its models are named by these).

@@ -21,6 +21,8 @@ PUBLISHED = {
     "llama3-8b": 8_030_261_248,
     "llama3-70b": 70_553_706_496,
     "llama3.1-405b": 405_853_388_800,
+    "llama3.2-1b": 1_235_814_400,
+    "llama3.2-3b": 3_212_749_824,
 }
 
 
@@ -52,6 +54,9 @@ def test_analytic_counts_equal_module_for_every_preset(name):
 
 @pytest.mark.parametrize("name,published", [("llama3.1-405b", dict(n_kv_heads=8, rope_theta=500000.0,
                          rope_scaling="llama3", rope_scaling_factor=8.0, max_seq_len=131072, vocab_size=128256)),
+                         ("llama3.2-1b", dict(n_kv_heads=8, head_dim=64, rope_scaling_factor=32.0,
+                                              tie_embeddings=True, max_seq_len=131072, d_ff=8192)),
+                         ("llama3.2-3b", dict(n_heads=24, head_dim=128, tie_embeddings=True, n_layers=28)),
                          ("llama2-70b", dict(n_kv_heads=8, max_seq_len=4096, vocab_size=32000, norm_eps=1e-5)),
                          ("llama1-65b", dict(n_kv_heads=64, max_seq_len=2048, norm_eps=1e-6)),
                          ("gpt2-xl", dict(n_heads=25, head_dim=64, max_seq_len=1024, tie_embeddings=True))])

@@ -671,6 +671,11 @@ def use_compilation_cache() -> None:
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.3)
 
 
+FIT_HINT = ("lower train.batch_size, raise train.microbatches, set model.remat (dots_no_batch, full), use "
+            "model.attention=dot_product or chunked, or shard over more devices (mesh.fsdp); `scalax plan` tells "
+            "what fits")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args_only, overrides = _split_overrides(argv)
@@ -703,6 +708,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.verbose:
             traceback.print_exc()
         first = str(e).strip().splitlines()[0][:300] if str(e).strip() else ""
+        if first.startswith("RESOURCE_EXHAUSTED"):  # XLA's: the config asks more of a device than it holds
+            print(f"scalax {args.command}: out of device memory: {first.split(' [')[0]}; {FIT_HINT}", file=sys.stderr)
+            return EXIT_USER_ERROR
         print(f"scalax {args.command}: internal error: {type(e).__name__}: {first} (run with --verbose for the "
               "traceback, and please report it)", file=sys.stderr)
         return EXIT_FAILED

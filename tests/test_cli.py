@@ -99,6 +99,26 @@ def test_real_process_prints_no_traceback(tmp_path):
         "allowed: a divisor of n_heads (n_heads for MHA, 1 for MQA)"]
 
 
+def test_out_of_device_memory_is_one_line_with_what_fits(capsys, monkeypatch):
+    # XLA's message as a GPU gave it (benchmarks/gpu_attention.py, einsum attention at batch 8 x 2048 on an H200)
+    xla = ("RESOURCE_EXHAUSTED: Out of memory while trying to allocate 154.24GiB with allocator GPU_0_bfc on device "
+           "0. [executable_name='jit_train_step'] [tf-allocator-allocation-error='']\nCurrent allocation summary")
+
+    def out_of_memory(args, overrides):
+        import jax
+
+        raise jax.errors.JaxRuntimeError(xla)
+
+    monkeypatch.setattr(cli, "cmd_bench", out_of_memory)
+    assert cli.main(["bench", "--config=configs/llama.py"]) == cli.EXIT_USER_ERROR
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("scalax bench: out of device memory: RESOURCE_EXHAUSTED: Out of "
+                                                   "memory while trying to allocate 154.24GiB")
+    assert "executable_name" not in lines[0] and "internal error" not in lines[0]
+    for key in ("train.batch_size", "train.microbatches", "model.remat", "model.attention", "mesh.fsdp"):
+        assert key in lines[0]
+
+
 TRAIN_BAD = [
     # (overrides, the key the message must name, words of what is allowed)
     (["--config.data.corpus={tmp}/missing"], "data.corpus", "no such file or directory"),

@@ -9,7 +9,7 @@ Three parts, each written to DIR/gpu_attention.json as soon as it is done (a dev
 3. `scalax bench --json` of the preset's real train step with each path, one process per path, so a path that
    runs out of memory leaves the others' numbers; MFU counts the `6n_head_attn` FLOPs, as training logs do.
 Each part checks a deadline (--budget seconds from the start) and skips what would not finish.
-`--config`, `--seq` and `--batch` shrink it for a dry run on CPU.
+`--config`, `--seq` and `--batch` shrink it for a dry run on CPU; `--set KEY=VALUE` adds config overrides.
 """
 
 from __future__ import annotations
@@ -69,7 +69,8 @@ def bench(args, impl: str, timeout: float) -> dict:
     """`scalax bench --json` of the config with model.attention = impl, in its own process."""
     cmd = [sys.executable, "-m", "scalax", "bench", f"--config={args.config}", f"--config.model.attention={impl}",
            f"--config.train.seq_len={args.seq}", f"--config.train.batch_size={args.batch}",
-           f"--config.model.remat={args.remat}", f"--steps={args.steps}", f"--rounds={args.rounds}", "--json"]
+           f"--config.model.remat={args.remat}", f"--steps={args.steps}", f"--rounds={args.rounds}", "--json",
+           *(f"--config.{item}" for item in args.set)]
     t = time.monotonic()
     try:
         done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
@@ -93,6 +94,8 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--remat", default="none")
     parser.add_argument("--paths", default="dot_product,chunked,einsum")
+    parser.add_argument("--set", action="append", default=[], help="KEY=VALUE: another config override, e.g. "
+                        "model.scan_unroll=16 (repeat for several)")
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--matmul-n", type=int, default=8192)

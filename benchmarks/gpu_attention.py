@@ -3,12 +3,15 @@
     python benchmarks/gpu_attention.py --out DIR [--batch 8] [--paths dot_product,chunked,einsum]
 
 Three parts, each written to DIR/gpu_attention.json as soon as it is done (a device lease is short):
-1. the bf16 matmul rate (8192^3, random data), a measured ceiling beside the data sheet's;
-2. each path's attention against the einsum reference computed in float32 from the same bf16 inputs,
-   forward and gradients (relative L2 error, causal, GQA 32 query heads over 8 kv heads);
-3. `scalax bench --json` of the preset's real train step with each path, one process per path, so a path that
+1. `scalax bench --json` of the preset's real train step with each path, one process per path, so a path that
    runs out of memory leaves the others' numbers; MFU counts the `6n_head_attn` FLOPs, as training logs do.
-Each part checks a deadline (--budget seconds from the start) and skips what would not finish.
+   This process touches the device only after them (JAX takes most of a GPU's memory in the first process
+   that uses it: the benches ran out of memory at any batch while it held that);
+2. the bf16 matmul rate (8192^3, random data), a measured ceiling beside the data sheet's;
+3. each path's attention against the einsum reference computed in float32 from the same bf16 inputs,
+   forward and gradients (relative L2 error, causal, GQA 32 query heads over 8 kv heads).
+The benches share a deadline (--budget seconds from the start, less 40 s for parts 2 and 3): each gets an
+equal share of what is left, and one that would get under 30 s is skipped.
 `--config`, `--seq` and `--batch` shrink it for a dry run on CPU; `--set KEY=VALUE` adds config overrides.
 """
 
@@ -108,8 +111,7 @@ def main() -> None:
         with open(os.path.join(args.out, "gpu_attention.json"), "w") as f:
             json.dump(result, f, indent=2)
 
-    # The benches first, each in its own process: this one touches no device until they are done (JAX takes
-    # most of a GPU's memory in the first process that uses it).
+    # The benches first, each in its own process: this one touches no device until they are done (part 1).
     paths = args.paths.split(",")
     for i, impl in enumerate(paths):
         share = (left(args.budget) - 40) / (len(paths) - i)  # what is left, shared by the paths still to run
@@ -129,7 +131,7 @@ def main() -> None:
     for impl in [p for p in paths if p != "einsum"]:
         try:
             result["parity"][impl] = parity(impl, args.seq, 512)
-        except Exception as e:  # a path that fails here is reported, and still benchmarked
+        except Exception as e:  # reported beside the path's bench
             result["parity"][impl] = {"error": f"{type(e).__name__}: {e}"[:500]}
         print(f"parity {impl} vs einsum (float32): {result['parity'][impl]}", flush=True)
         save()

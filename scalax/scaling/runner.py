@@ -4,7 +4,7 @@ code once (forkserver.py), which saves each run the interpreter's start and some
 
 K at a time (`--parallel K`, or `sweep.parallel`): the runner's CPUs are split into K equal sets and each child
 is pinned to one, so that K runs on K cores do not fight over each other's XLA thread pools (unpinned, two runs
-on 2 cores each took 2.7-3.4x their time alone); the most expensive runs (by exact FLOPs) start first, so
+on 2 cores each took 2.7-3.4x their time alone); the longest runs (by `expected_seconds`) start first, so
 that no core idles at the end waiting for one long run.
 
 `DIR/runs.jsonl` holds one record per run (name, status, overrides, N, D, C, final eval loss and bits/byte,
@@ -122,7 +122,7 @@ def run_sweep(cfg: ConfigDict, workdir: str, parallel: int | None = None, log=pr
     ledger = prepare_workdir(cfg, planned, workdir, force, log)
     todo = [r for r in planned if ledger.records[r.name]["status"] != FINISHED]
     if parallel > 1:  # the longest first: the last runs to start are short ones (branches wait for trunks)
-        todo.sort(key=lambda r: -r.flops["flops_exact"] * (1 - r.branch_step / r.overrides["train.steps"]))
+        todo.sort(key=lambda r: -expected_seconds(r))
     log(f"sweep: {len(planned)} runs, {len(planned) - len(todo)} already finished, {len(todo)} to train "
         f"({parallel} at a time) in {workdir}")
     if cfg.sweep.kind == "wsd_branch":
@@ -286,6 +286,20 @@ def _start(cfg: ConfigDict, run, workdir: str, cpus: set[int] | None,
     child = server.start_child(["train", f"--config={config_path}", f"--workdir={run_dir}"],
                                log_path(workdir, run.name), cpus)
     return child, time.time()
+
+
+# A run's time on one CPU core, for the order of a parallel sweep: fitted to the quickstart's 15 runs on 2 cores
+# (2026-12-04), within 4.6 s of each run's clock (20-108 s). The steps' own cost matters for small models: by
+# exact FLOPs alone the 11,020-step d16 run (65 s) started seventh and one core idled 14 s at the end.
+SECONDS_PER_EXACT_FLOP = 18.7e-12
+SECONDS_PER_STEP = 2.55e-3  # dispatch, the optimizer and the fixed cost of each of a step's ~200 fusions
+
+
+def expected_seconds(run) -> float:
+    """The run's expected training time on one CPU core (from its branch point, for a branch)."""
+    steps = run.overrides["train.steps"]
+    left = 1 - run.branch_step / steps
+    return (run.flops["flops_exact"] * SECONDS_PER_EXACT_FLOP + steps * SECONDS_PER_STEP) * left
 
 
 def _does_not_fit(cfg: ConfigDict, run, workdir: str) -> str | None:

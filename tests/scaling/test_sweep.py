@@ -259,8 +259,9 @@ def test_a_child_runs_on_its_cpu_set_only():
 
 
 def test_parallel_sweeps_start_the_most_expensive_runs_first(tmp_path, monkeypatch):
-    """With sweep.parallel 2 the runs start in decreasing exact FLOPs (one at a time: planned order); each start
-    gets a free slot's CPUs."""
+    """With sweep.parallel 2 the runs start in decreasing expected time (one at a time: planned order); each
+    start gets a free slot's CPUs. The expected time counts steps too: the quickstart's 11,020-step d16 run
+    (65 s on this machine) starts before the 471-step d128 one with more FLOPs (47 s)."""
     from scalax.scaling import runner
 
     started = []
@@ -283,8 +284,13 @@ def test_parallel_sweeps_start_the_most_expensive_runs_first(tmp_path, monkeypat
     for parallel in (2, 1):
         started.clear()
         runner.run_sweep(cfg, str(tmp_path / f"p{parallel}"), parallel, log=lambda m: None)
-        costs = [r.flops["flops_exact"] for r, _ in started]
-        planned = [r.flops["flops_exact"] for r in sweep_lib.plan(cfg)]
+        costs = [runner.expected_seconds(r) for r, _ in started]
+        planned = [runner.expected_seconds(r) for r in sweep_lib.plan(cfg)]
         assert costs == (sorted(planned, reverse=True) if parallel == 2 else planned)
+        if parallel == 2:
+            names, by_name = [r.name for r, _ in started], {r.name: r for r, _ in started}
+            assert names.index("C4.00e+11-d16-l1") < names.index("C1.60e+12-d128-l1")
+            assert (by_name["C4.00e+11-d16-l1"].flops["flops_exact"]
+                    < by_name["C1.60e+12-d128-l1"].flops["flops_exact"])
         assert {frozenset(c) for _, c in started} == ({frozenset({0}), frozenset({1})} if parallel == 2 else
                                                       {frozenset({0})})

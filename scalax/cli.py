@@ -76,7 +76,7 @@ def cmd_info(args: argparse.Namespace, overrides: list[str]) -> int:
         return 0
     if not args.config:
         raise ConfigError("scalax info", "give --config=FILE[:ARG] (or --list for the presets)")
-    cfg = config_lib.load(args.config, overrides)
+    cfg = config_lib.load_run(args.config, overrides)
     model_cfg = config_lib.model_config(cfg)
     seq_len = cfg.train.seq_len
     config_lib.check_seq_len(seq_len, model_cfg)
@@ -126,7 +126,7 @@ def cmd_train(args: argparse.Namespace, overrides: list[str]) -> int:
     if args.distributed or args.coordinator or args.num_processes is not None or args.process_id is not None \
             or os.environ.get(mesh.ENV["coordinator"]):
         mesh.initialize_distributed(args.coordinator, args.num_processes, args.process_id)
-    cfg = config_lib.load(args.config, overrides)
+    cfg = config_lib.load_run(args.config, overrides)
     summary = loop.train(cfg, args.workdir, allow_changes=args.allow_changes)
     print(f"finished: step {summary['step']}, eval {summary['eval_loss']:.4f} nats/token, "
           f"{summary['eval_bpb']:.4f} bits/byte; {args.workdir}")
@@ -140,7 +140,7 @@ def cmd_prepare(args: argparse.Namespace, overrides: list[str]) -> int:
 
     if args.workers < 0:
         raise ConfigError("--workers", f"must be a positive integer (or 0: one per core), got {args.workers}")
-    cfg = config_lib.load(args.config, overrides)
+    cfg = config_lib.load_run(args.config, overrides)
     splits = corpora.load_splits(cfg.data, workers=args.workers or None)
     counts = splits.header["counts"]
     print(f"{cfg.data.corpus}: {counts['train']['tokens']:,} train and {counts['val']['tokens']:,} validation "
@@ -256,7 +256,7 @@ def cmd_plan(args: argparse.Namespace, overrides: list[str]) -> int:
     from scalax import config as config_lib
     from scalax.train import memory as memory_lib
 
-    report = memory_lib.memory_plan(config_lib.load(args.config, overrides), args.devices)
+    report = memory_lib.memory_plan(config_lib.load_run(args.config, overrides), args.devices)
     report["device"] = description
     report["fits"] = memory_lib.verdict(report, memory)
     print(json.dumps(report, indent=2) if args.json else memory_lib.format_report(report, memory, description))
@@ -271,7 +271,7 @@ def cmd_bench(args: argparse.Namespace, overrides: list[str]) -> int:
     for key, value in (("--steps", args.steps), ("--rounds", args.rounds)):
         if value <= 0:
             raise ConfigError(key, f"must be a positive integer, got {value}")
-    configs = {spec: config_lib.load(spec, overrides) for spec in args.config}
+    configs = {spec: config_lib.load_run(spec, overrides) for spec in args.config}
     log = (lambda msg: print(msg, file=sys.stderr)) if args.json else print
     results = bench_lib.bench(configs, args.steps, args.rounds, log)
     print(json.dumps(results, indent=2) if args.json else bench_lib.format_table(results))
@@ -292,7 +292,7 @@ def cmd_coordcheck(args: argparse.Namespace, overrides: list[str]) -> int:
         io.check_output_dir(args.out, "--out")
         if io.exists(io.join(args.out, "coordcheck.json")) and not args.force:
             raise ConfigError("--out", f"{args.out} already holds coordcheck.json; pass --force to replace it")
-    cfg = config_lib.load(args.config, overrides)
+    cfg = config_lib.load_run(args.config, overrides)
     log = (lambda msg: print(msg, file=sys.stderr)) if args.json else print
     result = coordcheck.coordcheck(cfg, widths, args.seeds, args.steps, log)
     if args.out:

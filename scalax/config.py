@@ -69,6 +69,22 @@ def model_fields(family: str, arg: str | None) -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------------- loading and overriding
+RUN_SECTIONS = ("model", "train", "optim", "data", "mesh")
+
+
+def load_run(spec: str, overrides: Sequence[str] = ()) -> ml_collections.ConfigDict:
+    """`load` for the commands that take one run's config (info, train, prepare, plan, bench, coordcheck): a sweep
+    config, or a file without a run's sections, is named in one line."""
+    cfg = load(spec, overrides)
+    missing = [section for section in RUN_SECTIONS if section not in cfg]
+    if missing:
+        what = ("a sweep config (it has `sweep` and `base` sections: run it with `scalax sweep`)" if "sweep" in cfg
+                else f"it has no {', '.join(missing)} section")
+        raise ConfigError("--config", f"not a run config: {what}; allowed: a run config such as configs/llama.py or "
+                                      "a run's config.json")
+    return cfg
+
+
 def load(spec: str, overrides: Sequence[str] = ()) -> ml_collections.ConfigDict:
     """Load `path.py[:arg]`, call its get_config(arg), then apply `--config.KEY=VALUE` overrides."""
     path, arg = _split_spec(spec)

@@ -91,6 +91,11 @@ def test_broken_config_files_are_one_line(capsys, tmp_path):
     (["generate", "--checkpoint=x", "--prompt=a", "--max-tokens=two"], "--max-tokens", "invalid int"),
     (["sweep", "--config=configs/llama.py", "--workdir={tmp}/s"], "--config", "not a sweep config"),
     (["plot", "{tmp}/notasweep"], "sweep.json", "not a sweep config"),
+    (["train", "--config=configs/sweeps/quickstart.py", "--workdir={tmp}/run"], "--config",
+     "a sweep config (it has `sweep` and `base` sections: run it with `scalax sweep`)"),
+    (["bench", "--config=configs/sweeps/quickstart.py"], "--config", "not a run config: a sweep config"),
+    (["info", "--config=configs/sweeps/quickstart.py"], "--config", "not a run config: a sweep config"),
+    (["info", "--config={tmp}/partial.json"], "--config", "it has no train, optim, data, mesh section"),
     (["plot", "{tmp}"], "scalax plot", "not a sweep directory"),
     (["prepare", "--config=configs/llama.py", "--workers=-2"], "--workers", "one per core"),
     (["train", "--config=configs/llama.py:size=tiny", "--workdir={tmp}/run", "--config.train.steps_per_call=0"],
@@ -104,6 +109,7 @@ def test_broken_config_files_are_one_line(capsys, tmp_path):
 ])
 def test_cli_mistakes_one_line(capsys, tmp_path, argv, key, words):
     (tmp_path / "one.txt").write_text("a document")
+    (tmp_path / "partial.json").write_text(json.dumps({"model": config_lib.load("configs/llama.py").model.to_dict()}))
     (tmp_path / "notasweep").mkdir()
     (tmp_path / "notasweep" / "sweep.json").write_text(json.dumps(config_lib.load("configs/llama.py").to_dict()))
     rc, _, err = run_cli(capsys, *[a.format(tmp=tmp_path) for a in argv])

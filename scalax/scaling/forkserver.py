@@ -13,6 +13,7 @@ ignores Ctrl-C, which the runs handle themselves.
 
 from __future__ import annotations
 
+import atexit
 import ctypes
 import json
 import os
@@ -21,6 +22,7 @@ import select
 import signal
 import subprocess
 import sys
+import threading
 import time
 import traceback
 
@@ -162,8 +164,10 @@ class ForkedChild:
 # ---------------------------------------------------------------------------------------------- the server's side
 def _run_child(request: dict) -> None:
     """In the forked child: become the run (pinned, logging to its file, with the runner's environment), run
-    `scalax ARGV` and exit with its status (SystemExit, which ends the interpreter as a `python -m scalax` would
-    end: exit handlers run, threads are joined); never returns."""
+    `scalax ARGV` and exit with its status; never returns. Threads are joined, the exit handlers run and the
+    output is flushed as at any exit, but the interpreter is not torn down (`os._exit`): tearing down JAX's
+    objects and the modules took 0.45 s of each run's end, and everything a run writes is closed and synced
+    before its command returns."""
     code = 1
     try:
         child_setup(set(request["cpus"]) if request["cpus"] else None)()
@@ -187,7 +191,15 @@ def _run_child(request: dict) -> None:
         code = e.code if isinstance(e.code, int) else 1
     except BaseException:
         traceback.print_exc()
-    sys.exit(code)
+    try:
+        for thread in threading.enumerate():  # as the interpreter's exit does: wait for non-daemon threads
+            if not thread.daemon and thread is not threading.current_thread():
+                thread.join()
+        atexit._run_exitfuncs()
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
 
 
 def serve() -> None:

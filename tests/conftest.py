@@ -27,9 +27,6 @@ from scalax.train.program import init_compiler_options
 # The tests' own compiles share JAX's persistent cache with the `scalax` processes they start (cli.py): the many
 # tests that build the same small programs compile each once per machine instead of once per test.
 jax.config.update("jax_compilation_cache_dir", os.path.join(io.cache_root(), "jax"))
-# Programs from 0.1 s of compile (JAX keeps 1 s and up by default): most of the tests' small steps take 0.1-1 s,
-# and a clean clone's suite compiles the same ones in many tests.
-jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.1)
 keep_freed_memory()  # as the `scalax` commands that run steps do (cli.py): steps reuse freed memory
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

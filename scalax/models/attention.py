@@ -131,7 +131,10 @@ def chunked_attention(q_BxTxGxQxK, k_BxSxGxK, v_BxSxGxK, q_pos_T, k_pos_S, bias_
                     s_BxGxQxtxs = s_BxGxQxtxs + bias_fn(q_pos_t, k_pos_s).reshape(G, Q, bq, bk)
                 causal_txs = k_pos_s[None, :] <= q_pos_t[:, None]
                 s_BxGxQxtxs = jnp.where(causal_txs, s_BxGxQxtxs, NEG)
-                m_new = jnp.maximum(m_BxGxQxt, s_BxGxQxtxs.max(axis=-1))
+                # The running max only keeps exp in range: the output does not depend on it, so no gradient
+                # flows through it (exact, and no max-gradient's tie mask, which a remat that rounds the
+                # recomputed scores otherwise can leave empty: 0/0 = NaN, seen with ALiBi at LLVM -O0).
+                m_new = jax.lax.stop_gradient(jnp.maximum(m_BxGxQxt, s_BxGxQxtxs.max(axis=-1)))
                 p_BxGxQxtxs = jnp.where(causal_txs, jnp.exp(s_BxGxQxtxs - m_new[..., None]), 0.0)
                 correction = jnp.exp(m_BxGxQxt - m_new)
                 pv_BxGxQxtxK = jnp.einsum("bgqts,bsgk->bgqtk", p_BxGxQxtxs.astype(v_BxsxGxK.dtype), v_BxsxGxK,

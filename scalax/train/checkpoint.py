@@ -20,6 +20,7 @@ import sys
 import time
 from typing import Any
 
+import jax
 import orbax.checkpoint as ocp
 
 from scalax import io
@@ -42,11 +43,28 @@ class KeepStepSavesAndNewest(ocp.checkpoint_managers.PreservationPolicy):
         return [s in kept for s in steps]
 
 
+def _one_replica_writes_on_one_host() -> None:
+    """On CPU devices of one process, each array is written from one replica, as orbax already does on GPUs.
+    Replica-parallel saving (orbax's default elsewhere) cuts a replicated array into a slice per replica, each by
+    a dispatched op, for device-to-host copies that are memcpys here: on 8 CPU devices it took 0.55 of a 0.6 s
+    save of the tiny GPT (0.05 s without). TPUs and several processes keep orbax's default."""
+    if jax.default_backend() == "cpu" and jax.process_count() == 1:
+        absl = logging.getLogger("absl")
+        level = absl.level
+        absl.setLevel(logging.ERROR)  # orbax warns of every override
+        try:
+            ocp.type_handlers.register_type_handler(
+                jax.Array, ocp.type_handlers.ArrayHandler(use_replica_parallel=False), override=True)
+        finally:
+            absl.setLevel(level)
+
+
 class Checkpointer:
     def __init__(self, workdir: str, keep: int, async_save: bool = True, every: int = 1, pinned=()):
         """`keep` step saves at multiples of `every` (every=1: the newest `keep` saves, whatever their step), and
         the saves at the `pinned` steps."""
         self.directory = io.join(io.abspath(workdir), "checkpoints")  # orbax writes gs:// itself (tensorstore)
+        _one_replica_writes_on_one_host()
         options = ocp.CheckpointManagerOptions(preservation_policy=KeepStepSavesAndNewest(keep, every, pinned),
                                                enable_async_checkpointing=async_save, create=True)
         self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=ITEMS)

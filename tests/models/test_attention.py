@@ -77,8 +77,8 @@ def test_attention_agrees_with_einsum(position, kv_heads, dtype):
 
 @pytest.mark.parametrize("level", [0, 3])
 def test_chunked_gradients_are_finite_whatever_the_compiler_rounds(level):
-    """ALiBi's scores recomputed in the backward pass round otherwise than the forward's at LLVM -O0: a
-    gradient through the running max (whose tie mask then held no element: 0/0) made NaNs in dq and dk."""
+    """At LLVM -O0 a gradient through the running max made NaNs in dq and dk with ALiBi (likely its tie mask
+    held no element, the backward's recomputed scores rounded otherwise than the forward's: 0/0)."""
     cfg = small_config("llama", position="alibi", n_kv_heads=2)
     q, k, v, table = inputs("float32", 4, 2, 32)
     options = {"xla_backend_optimization_level": level} if jax.default_backend() == "cpu" else None

@@ -100,3 +100,27 @@ def test_wall_clock_saves_fall_due_on_time_and_replace_each_other(tmp_path, monk
     loop.train(cfg, str(tmp_path / "run"), log=lambda m: None)
     assert saves == [(4, 240.0), (8, 480.0), (10, 600.0), (14, 840.0), (16, 960.0)]
     assert sorted(int(s) for s in os.listdir(tmp_path / "run" / "checkpoints")) == [10, 16]
+
+
+def test_summary_is_written_once_the_final_checkpoint_is_complete(tmp_path, monkeypatch):
+    """summary.json marks a finished run (the sweep runner reads it): when it is written, the final step's
+    checkpoint has been committed, not merely started (orbax saves in the background)."""
+    cfg = config_lib.load("configs/gpt.py:size=tiny")
+    cfg.train.update(steps=12, eval_every=1000, log_every=4, checkpoint_every=1000, batch_size=8, seq_len=64)
+    cfg.optim.warmup_steps = 2
+    cfg.data.cache_dir = str(tmp_path.parent.parent / "scalax-test-token-cache")
+    workdir = tmp_path / "run"
+    events = []
+    wait = loop.Checkpointer.wait
+    monkeypatch.setattr(loop.Checkpointer, "wait", lambda self: (wait(self), events.append("wait")))
+    write_json = loop.io.atomic_write_json
+
+    def record_summary(path, obj):
+        if path.endswith("summary.json"):
+            committed = sorted(int(s) for s in os.listdir(workdir / "checkpoints") if s.isdigit())
+            events.append(("summary", committed))
+        write_json(path, obj)
+
+    monkeypatch.setattr(loop.io, "atomic_write_json", record_summary)
+    loop.train(cfg, str(workdir), log=lambda m: None)
+    assert events[-2:] == ["wait", ("summary", [12])]

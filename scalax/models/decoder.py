@@ -14,7 +14,7 @@ from scalax.errors import ConfigError
 from scalax.models import mup, positions
 from scalax.models.attention import Attention
 from scalax.models.config import ModelConfig
-from scalax.models.layers import Embedding, Mlp, Norm, constrain, dtype_of, kernel_init
+from scalax.models.layers import DenseGeneral, Embedding, Mlp, Norm, constrain, dtype_of, kernel_init
 
 # Each remat name maps explicitly to one jax checkpoint policy (None: no rematerialisation).
 REMAT_POLICIES = {
@@ -106,9 +106,9 @@ class Decoder(nn.Module):
         if cfg.norm_position == "pre":
             self.final_norm = Norm(cfg)
         if not cfg.tie_embeddings:
-            self.head = nn.Dense(cfg.vocab_size, use_bias=False, dtype=dtype_of(cfg.dtype),
-                                 param_dtype=dtype_of(cfg.param_dtype),
-                                 kernel_init=kernel_init(cfg, ("embed", "vocab")))
+            self.head = DenseGeneral((cfg.vocab_size,), use_bias=False, dtype=dtype_of(cfg.dtype),
+                                     param_dtype=dtype_of(cfg.param_dtype),
+                                     kernel_init=kernel_init(cfg, ("embed", "vocab")), bias_init=nn.initializers.zeros)
 
     def __call__(self, tokens_BxT: jnp.ndarray, first_position: int = 0) -> jnp.ndarray:
         """`first_position`: the position of the first token (0; another value shifts every position)."""

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -25,6 +27,20 @@ def constrain(x: jnp.ndarray, axes: tuple[str, ...]) -> jnp.ndarray:
     return nn.with_logical_constraint(x, axes)
 
 
+def matmul(x, kernel, n_in: int = 1):
+    """x [..., *in] · kernel [*in, *out] -> [..., *out], as one 2-D matmul [N, prod(in)] · [prod(in), prod(out)].
+
+    The same products as a dot_general over the named axes, but its gradient's matmuls come out in the layouts
+    XLA's CPU matmuls take as they are: from the N-d form, XLA's CPU backend transposed the output gradient
+    into a copy for each weight gradient and ran that matmul with both operands transposed (the quickstart's
+    gradients 1.25-1.45x slower, docs/benchmarks.md). Elsewhere the reshapes are free (row-major bitcasts)."""
+    in_shape, out_shape = kernel.shape[:n_in], kernel.shape[n_in:]
+    lead = x.shape[: x.ndim - n_in]
+    y = jax.lax.dot_general(x.reshape(-1, math.prod(in_shape)),
+                            kernel.reshape(math.prod(in_shape), math.prod(out_shape)), (((1,), (0,)), ((), ())))
+    return y.reshape(*lead, *out_shape)
+
+
 class DenseGeneral(nn.Module):
     """x [..., *in] · kernel [*in, *features] (+ bias [*features]), contracting the last `n_in` axes of x.
 
@@ -45,8 +61,7 @@ class DenseGeneral(nn.Module):
         kernel = self.param("kernel", self.kernel_init, (*in_shape, *self.features), self.param_dtype)
         bias = self.param("bias", self.bias_init, self.features, self.param_dtype) if self.use_bias else None
         x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
-        contract = (tuple(range(x.ndim - self.n_in, x.ndim)), tuple(range(self.n_in)))
-        y = jax.lax.dot_general(x, kernel, (contract, ((), ())))
+        y = matmul(x, kernel, self.n_in)
         return y if bias is None else y + bias
 
 
@@ -96,7 +111,7 @@ class Embedding(nn.Module):
 
     def attend(self, x_BxTxD: jnp.ndarray) -> jnp.ndarray:
         table_VxD = self.table_VxD.astype(dtype_of(self.cfg.dtype))
-        return jnp.einsum("btd,vd->btv", x_BxTxD, table_VxD)
+        return matmul(x_BxTxD, table_VxD.T)
 
 
 class Mlp(nn.Module):
@@ -111,14 +126,14 @@ class Mlp(nn.Module):
                      bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("mlp",)))
         act = {"gelu": nn.gelu, "geglu": nn.gelu, "relu": nn.relu, "swiglu": nn.silu}[cfg.mlp]
         in_init = kernel_init(cfg, ("embed", "mlp"), hidden=True)
-        h_BxTxF = nn.Dense(cfg.d_ff, kernel_init=in_init, name="wi", **dense)(x_BxTxD)
+        h_BxTxF = DenseGeneral((cfg.d_ff,), kernel_init=in_init, name="wi", **dense)(x_BxTxD)
         if cfg.gated_mlp:
-            gate_BxTxF = nn.Dense(cfg.d_ff, kernel_init=in_init, name="wg", **dense)(x_BxTxD)
+            gate_BxTxF = DenseGeneral((cfg.d_ff,), kernel_init=in_init, name="wg", **dense)(x_BxTxD)
             h_BxTxF = act(gate_BxTxF) * h_BxTxF
         else:
             h_BxTxF = act(h_BxTxF)
         h_BxTxF = constrain(h_BxTxF, ("act_batch", "act_seq", "act_mlp"))
         dense["bias_init"] = nn.with_logical_partitioning(nn.initializers.zeros, ("embed",))
         out_init = kernel_init(cfg, ("mlp", "embed"), output_projection=True, hidden=True)
-        out_BxTxD = nn.Dense(cfg.d_model, kernel_init=out_init, name="wo", **dense)(h_BxTxF)
+        out_BxTxD = DenseGeneral((cfg.d_model,), kernel_init=out_init, name="wo", **dense)(h_BxTxF)
         return constrain(out_BxTxD, ("act_batch", "act_seq", "act_embed"))

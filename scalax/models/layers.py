@@ -30,10 +30,11 @@ def constrain(x: jnp.ndarray, axes: tuple[str, ...]) -> jnp.ndarray:
 def matmul(x, kernel, n_in: int = 1):
     """x [..., *in] · kernel [*in, *out] -> [..., *out], as one 2-D matmul [N, prod(in)] · [prod(in), prod(out)].
 
-    The same products as a dot_general over the named axes, but its gradient's matmuls come out in the layouts
-    XLA's CPU matmuls take as they are: from the N-d form, XLA's CPU backend transposed the output gradient
-    into a copy for each weight gradient and ran that matmul with both operands transposed (the quickstart's
-    gradients 1.25-1.45x slower, docs/benchmarks.md). Elsewhere the reshapes are free (row-major bitcasts)."""
+    The same products as a dot_general over the named axes, but the weight gradient comes out as x^T · dy, which
+    XLA's CPU matmuls take as it is: from the N-d form XLA's CPU backend copied the output gradient transposed for
+    each weight gradient and ran that matmul with both operands transposed (the quickstart's train steps 1.10-1.69x
+    slower, docs/benchmarks.md). The reshapes only merge row-major axes; the batch's sharding stays on the leading
+    one."""
     in_shape, out_shape = kernel.shape[:n_in], kernel.shape[n_in:]
     lead = x.shape[: x.ndim - n_in]
     y = jax.lax.dot_general(x.reshape(-1, math.prod(in_shape)),

@@ -181,3 +181,26 @@ def test_learned_positions_refuse_longer_sequences():
     params = init_params(cfg, 8)
     with pytest.raises(ConfigError, match=r"model\.max_seq_len"):
         Decoder(cfg).apply({"params": params}, jnp.zeros((1, 9), jnp.int32))
+
+
+@pytest.mark.parametrize("n_in, in_shape, out_shape", [(1, (6,), (2, 7)), (2, (4, 6), (7,))])
+def test_matmul_and_its_gradients_equal_the_contraction_in_float64(n_in, in_shape, out_shape):
+    """layers.matmul (a 2-D matmul over flattened axes) against numpy's float64 tensordot, value and gradients of
+    sum(sin(y)): dy = cos(y), dx = dy · kernel^T, dkernel = x^T · dy over the leading axes."""
+    from scalax.models.layers import matmul
+
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((3, 5, *in_shape))
+    kernel = rng.standard_normal((*in_shape, *out_shape)) / 4
+    y = np.tensordot(x, kernel, axes=n_in)
+    dy = np.cos(y)
+    lead_axes = [0, 1]
+    dx = np.tensordot(dy, kernel, axes=(list(range(2, dy.ndim)), list(range(n_in, kernel.ndim))))
+    dkernel = np.tensordot(x, dy, axes=(lead_axes, lead_axes))
+    got = matmul(jnp.asarray(x, jnp.float32), jnp.asarray(kernel, jnp.float32), n_in)
+    gx, gk = jax.grad(lambda a, k: jnp.sum(jnp.sin(matmul(a, k, n_in))), (0, 1))(
+        jnp.asarray(x, jnp.float32), jnp.asarray(kernel, jnp.float32))
+    assert got.shape == y.shape and gx.shape == x.shape and gk.shape == kernel.shape
+    np.testing.assert_allclose(got, y, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(gx, dx, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(gk, dkernel, rtol=1e-5, atol=1e-5)

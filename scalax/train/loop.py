@@ -276,7 +276,7 @@ class Trainer:
                            unique_train_tokens=self.data.header["counts"]["train"]["tokens"],
                            epochs=corpora.epochs(self.data.header, self.counters.tokens),
                            wall_seconds=self.counters.wall_seconds, **self.counters.flops(self.per_token))
-            self.checkpointer.wait()  # summary.json says the run is done: only once its final checkpoint is
+            self.checkpointer.wait()  # summary.json marks the run done: written once the final save is committed
             if self.writer:
                 io.atomic_write_json(io.join(self.workdir, "summary.json"), summary)
             return summary

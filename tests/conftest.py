@@ -26,7 +26,7 @@ from flax import linen as nn
 from scalax import io
 from scalax.models import Decoder, ModelConfig
 from scalax.train.host_memory import keep_freed_memory
-from scalax.train.program import init_compiler_options
+from scalax.train.program import run_once_compiler_options
 
 # The tests' own compiles share JAX's persistent cache with the `scalax` processes they start (cli.py): the many
 # tests that build the same small programs compile each once per machine instead of once per test.
@@ -53,7 +53,7 @@ def init_params(cfg: ModelConfig, seq_len: int = 8, seed: int = 0):
     norm scales are not at their trivial init and every parameter matters in comparisons."""
     tokens = jnp.zeros((1, seq_len), jnp.int32)
     init = jax.jit(lambda key: nn.meta.unbox(Decoder(cfg).init(key, tokens)["params"]),
-                   compiler_options=init_compiler_options())
+                   compiler_options=run_once_compiler_options())
     params = init(jax.random.key(seed))
     rng = np.random.default_rng(seed)
     return jax.tree.map(lambda x: x + jnp.asarray(0.1 * rng.standard_normal(x.shape), x.dtype), params)

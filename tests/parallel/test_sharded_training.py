@@ -16,7 +16,7 @@ from scalax.models import Decoder
 from scalax.parallel import loss as parallel_loss
 from scalax.parallel import mesh as mesh_lib
 from scalax.parallel import shardings
-from scalax.train.program import init_compiler_options
+from scalax.train.program import run_once_compiler_options
 from tests.conftest import small_config
 from tests.parallel import helpers
 
@@ -73,7 +73,7 @@ def test_parameters_are_really_sharded(axis):
     sharding = shardings.param_shardings(model, layout)
     tokens = jnp.zeros((1, 8), jnp.int32)
     params = jax.jit(lambda: nn.meta.unbox(model.init(jax.random.key(0), tokens)["params"]),
-                     out_shardings=sharding, compiler_options=init_compiler_options())()
+                     out_shardings=sharding, compiler_options=run_once_compiler_options())()
     total = {jax.tree_util.keystr(p): leaf.nbytes for p, leaf in jax.tree_util.tree_flatten_with_path(params)[0]}
     on_device = _bytes_on_device0(params)
     replicated = sorted(k for k in total if on_device[k] == total[k])

@@ -172,6 +172,22 @@ def test_cpu_steps_compile_without_ynn_fusions_and_train_the_same():
         np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-5, atol=1e-6)
 
 
+def test_a_plan_compiles_unoptimised_to_the_same_bytes():
+    """The memory plan's options (train/memory.py: run_once_compiler_options, LLVM -O0 on CPU) give the same
+    memory analysis as the steps' own (-O2): XLA assigns the buffers before LLVM runs."""
+    from scalax.train.program import run_once_compiler_options, step_compiler_options
+
+    options = step_compiler_options()
+    if options is None:
+        pytest.skip(f"no such option in this XLA ({jax.__version__}) or not a CPU")
+    cfg, _, step, state = setup()
+    lowered = step.lower(state, random_tokens(cfg, 4, 9))
+    ma = [lowered.compile({**options, **level}).memory_analysis() for level in (options, run_once_compiler_options())]
+    fields = ("argument_size_in_bytes", "output_size_in_bytes", "alias_size_in_bytes", "temp_size_in_bytes")
+    assert [getattr(ma[0], f) for f in fields] == [getattr(ma[1], f) for f in fields]
+    assert ma[0].temp_size_in_bytes > 0
+
+
 def test_eval_batches_hold_every_window_once_in_order():
     """The evaluation's batches (data/pipeline.py: the loop's and `scalax eval`'s) against the windows
     themselves: full batches of the given size, the last one padded, and the real rows of all of them, in order,

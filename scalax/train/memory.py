@@ -15,7 +15,7 @@ import jax
 from scalax.errors import ConfigError
 from scalax.parallel import shardings
 from scalax.parallel.devices import DEVICE_MEMORY, GIB, human
-from scalax.train.program import run_once_compiler_options, step_compiler_options
+from scalax.train.program import run_once_compiler_options
 from scalax.train.setup import setup_run
 
 
@@ -31,8 +31,9 @@ def memory_plan(cfg, n_devices: int) -> dict:
     run = setup_run(cfg, devices=jax.devices()[:n_devices])
     prog, train_cfg = run.program, cfg.train
     lowered = prog.train_step.lower(prog.abstract_state, prog.batch_shape(train_cfg.batch_size, train_cfg.seq_len))
-    # compiled for its memory analysis only, so without LLVM's optimisations (the same buffers, sooner)
-    compiled = lowered.compile({**(step_compiler_options() or {}), **(run_once_compiler_options() or {})})
+    # compiled for its memory analysis only, so without LLVM's optimisations (the same buffers, sooner); these
+    # options are added to the step's own (jax appends them; a key given again wins)
+    compiled = lowered.compile(run_once_compiler_options())
     ma = compiled.memory_analysis()
     state = prog.abstract_state
     params = shardings.bytes_per_device(state.params, prog.state_sharding.params)

@@ -25,7 +25,7 @@ import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
 from scalax.errors import ConfigError
-from scalax.models import mup, positions
+from scalax.models import mup, positions, reductions
 from scalax.models.config import ModelConfig
 from scalax.models.layers import DenseGeneral, Norm, constrain, dtype_of, kernel_init
 
@@ -69,7 +69,7 @@ def einsum_attention(q_BxTxGxQxK, k_BxSxGxK, v_BxSxGxK, q_pos_T, k_pos_S, bias_f
         scores_BxGxQxTxS = scores_BxGxQxTxS + bias_HxTxS.reshape(G, Q, *bias_HxTxS.shape[1:])
     causal_TxS = k_pos_S[None, :] <= q_pos_T[:, None]
     scores_BxGxQxTxS = jnp.where(causal_TxS, scores_BxGxQxTxS, NEG)
-    probs_BxGxMxS = jax.nn.softmax(scores_BxGxQxTxS, axis=-1).astype(v_BxSxGxK.dtype).reshape(B, G, Q * T, S)
+    probs_BxGxMxS = reductions.softmax(scores_BxGxQxTxS).astype(v_BxSxGxK.dtype).reshape(B, G, Q * T, S)
     out_BxGxMxK = jnp.einsum("bgms,bgsk->bgmk", probs_BxGxMxS, v_BxGxSxK)
     return jnp.einsum("bgqtk->btgqk", out_BxGxMxK.reshape(B, G, Q, T, K))
 

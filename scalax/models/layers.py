@@ -8,7 +8,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from scalax.models import mup
+from scalax.models import mup, reductions
 from scalax.models.config import ModelConfig
 
 
@@ -63,7 +63,7 @@ class DenseGeneral(nn.Module):
         bias = self.param("bias", self.bias_init, self.features, self.param_dtype) if self.use_bias else None
         x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
         y = matmul(x, kernel, self.n_in)
-        return y if bias is None else y + bias
+        return y if bias is None else y + reductions.broadcast_rows(bias, y.shape)
 
 
 class Norm(nn.Module):
@@ -82,15 +82,15 @@ class Norm(nn.Module):
         features = x.shape[-1]
         scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones, (self.axis_name,)),
                            (features,), pdtype)
-        h = x.astype(jnp.float32)
+        h, row = reductions.split_rows(x.astype(jnp.float32))
         if cfg.norm == "layernorm":
-            h = h - jnp.mean(h, axis=-1, keepdims=True)
-        h = h * jax.lax.rsqrt(jnp.mean(jnp.square(h), axis=-1, keepdims=True) + cfg.norm_eps)
-        h = h * scale.astype(jnp.float32)
+            h = h - jnp.mean(h, axis=row, keepdims=True)
+        h = h * jax.lax.rsqrt(jnp.mean(jnp.square(h), axis=row, keepdims=True) + cfg.norm_eps)
+        h = h.reshape(x.shape) * reductions.broadcast_rows(scale.astype(jnp.float32), x.shape)
         if cfg.norm == "layernorm":
             bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros, (self.axis_name,)),
                               (features,), pdtype)
-            h = h + bias.astype(jnp.float32)
+            h = h + reductions.broadcast_rows(bias.astype(jnp.float32), x.shape)
         return h.astype(dtype_of(cfg.dtype))
 
 

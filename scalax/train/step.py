@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from scalax.models import Decoder
+from scalax.models import Decoder, reductions
 from scalax.parallel import loss as parallel_loss
 from scalax.parallel.mesh import Layout
 from scalax.train.state import TrainState
@@ -29,7 +29,7 @@ def token_losses(model: Decoder, params, tokens_BxT1: jax.Array, layout: Layout 
     if layout is not None:
         return parallel_loss.cross_entropy(logits_BxTxV, tokens_BxT1[:, 1:], layout)
     logits_BxTxV = logits_BxTxV.astype(jnp.float32)
-    log_z_BxT = jax.nn.logsumexp(logits_BxTxV, axis=-1)
+    log_z_BxT = reductions.logsumexp(logits_BxTxV)
     target_logit_BxT = jnp.take_along_axis(logits_BxTxV, tokens_BxT1[:, 1:, None], axis=-1)[..., 0]
     return log_z_BxT - target_logit_BxT, log_z_BxT
 

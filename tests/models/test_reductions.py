@@ -1,0 +1,63 @@
+"""The CPU-shaped sums (models/reductions.py) against float64 numpy and the plain forms, and what XLA compiles
+them to."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from scalax.models import reductions
+from scalax.train.program import step_compiler_options
+
+
+def _compiled(f, *args) -> str:
+    """The optimised HLO of f as the train step is compiled (on CPU: YNNPACK's fusions off)."""
+    return jax.jit(f, compiler_options=step_compiler_options()).lower(*args).compile().as_text()
+
+
+@pytest.mark.parametrize("n", [256, 48, 32])
+def test_softmax_and_logsumexp_match_float64(n):
+    x = np.random.default_rng(0).normal(size=(3, 5, n)) * 4
+    z = np.log(np.exp(x - x.max(-1, keepdims=True)).sum(-1)) + x.max(-1)
+    np.testing.assert_allclose(reductions.logsumexp(jnp.asarray(x, jnp.float32)), z, rtol=1e-6)
+    np.testing.assert_allclose(reductions.softmax(jnp.asarray(x, jnp.float32)), np.exp(x - z[..., None]),
+                               rtol=2e-6, atol=1e-7)
+
+
+def _norm(x, split: bool):
+    """A LayerNorm's normalisation as models/layers.Norm writes it."""
+    h, row = reductions.split_rows(x) if split else (x, (-1,))
+    h = h - jnp.mean(h, row, keepdims=True)
+    return (h * jax.lax.rsqrt(jnp.mean(h * h, row, keepdims=True) + 1e-6)).reshape(x.shape)
+
+
+@pytest.mark.parametrize("name", ["norm", "softmax", "logsumexp"])
+def test_split_rows_leave_fewer_reduce_windows_in_a_gradient(name):
+    """XLA folds some split rows back into one axis (and rewrites them), not all: count what is left."""
+    fs = {"norm": (functools.partial(_norm, split=True), functools.partial(_norm, split=False)),
+          "softmax": (reductions.softmax, jax.nn.softmax),
+          "logsumexp": (reductions.logsumexp, functools.partial(jax.nn.logsumexp, axis=-1))}[name]
+    x = np.random.default_rng(2).normal(size=(8, 64, 256))
+    grads = [jax.grad(lambda x, f=f: jnp.sum(jnp.sin(f(x)))) for f in fs]
+    windows = [_compiled(g, jnp.asarray(x, jnp.float32)).count("reduce-window(") for g in grads]
+    assert windows[0] < windows[1], windows
+    np.testing.assert_allclose(grads[0](jnp.asarray(x, jnp.float32)), grads[1](jnp.asarray(x, jnp.float32)),
+                               rtol=1e-4, atol=1e-5)  # the plain form: a second code path
+
+
+def test_a_rows_parameters_gradient_is_a_matmul_against_ones():
+    rng = np.random.default_rng(1)
+    p, y = rng.normal(size=(3, 64)), rng.normal(size=(4, 512, 3, 64))
+
+    def loss(p, y):
+        return jnp.sum(jnp.sin(y + reductions.broadcast_rows(p, y.shape)))
+
+    grad = jax.grad(loss)
+    np.testing.assert_allclose(grad(jnp.asarray(p, jnp.float32), jnp.asarray(y, jnp.float32)),
+                               np.cos(y + p).sum(axis=(0, 1)), rtol=2e-5)
+    text = _compiled(grad, jnp.zeros((3, 64)), jnp.zeros((4, 512, 3, 64)))
+    assert "reduce-window" not in text and " dot(" in text
+    plain = _compiled(jax.grad(lambda p, y: jnp.sum(jnp.sin(y + p))), jnp.zeros((3, 64)), jnp.zeros((4, 512, 3, 64)))
+    assert "reduce-window" in plain  # what the matmul replaces

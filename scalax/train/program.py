@@ -41,7 +41,8 @@ def step_compiler_options() -> dict[str, Any] | None:
     sooner of 3.5-5 s and run as fast or faster (d16 x 1: 5.3 -> 4.7 ms); issue #14's d256 GPT step the same
     within noise. The same numerics up to float rounding order. Where this XLA has no such option, and
     elsewhere, the defaults. (XLA's tree-reduction rewrite stays on: the quickstart's 1-layer steps ran 1.04-1.2x
-    faster without it, issue #14's float32 GPT step, d_model 256, 1.6x slower.)"""
+    faster without it, issue #14's float32 GPT step, d_model 256, 1.6x slower; models/reductions.py writes the
+    norms', softmax's and parameter gradients' sums around it.)"""
     if jax.default_backend() != "cpu":
         return None
     options = {"xla_cpu_experimental_ynn_fusion_type": "", "xla_backend_optimization_level": 2}

@@ -2,6 +2,7 @@
 them to."""
 
 import functools
+from unittest import mock
 
 import jax
 import jax.numpy as jnp
@@ -9,7 +10,9 @@ import numpy as np
 import pytest
 
 from scalax.models import reductions
+from scalax.models.layers import Norm
 from scalax.train.program import step_compiler_options
+from tests.conftest import small_config
 
 
 def _compiled(f, *args) -> str:
@@ -27,10 +30,13 @@ def test_softmax_and_logsumexp_match_float64(n):
 
 
 def _norm(x, split: bool):
-    """A LayerNorm's normalisation as models/layers.Norm writes it."""
-    h, row = reductions.split_rows(x) if split else (x, (-1,))
-    h = h - jnp.mean(h, row, keepdims=True)
-    return (h * jax.lax.rsqrt(jnp.mean(h * h, row, keepdims=True) + 1e-6)).reshape(x.shape)
+    """models/layers.Norm (LayerNorm, d_model 256), with `split_rows` or the plain row in its place."""
+    norm = Norm(small_config("gpt", d_model=256))
+    params = norm.init(jax.random.key(0), x)
+    if split:
+        return norm.apply(params, x)
+    with mock.patch.object(reductions, "split_rows", lambda x: (x, (-1,))):
+        return norm.apply(params, x)
 
 
 @pytest.mark.parametrize("name", ["norm", "softmax", "logsumexp"])

@@ -1,6 +1,7 @@
 """The train step on CPU with XLA's default options against scalax's (program.step_compiler_options: YNNPACK
-fusions off, LLVM O2), at quickstart shapes, in one process, the two alternating within each round; also each
-variant's compile time (the first compile of the process, a throwaway, goes before).
+fusions off, LLVM O2, XLA's tree-reduction rewrite off), at quickstart shapes, in one process, the two
+alternating within each round; also each variant's compile time (the first compile of the process, a
+throwaway, goes before).
 
     python benchmarks/cpu_step_options.py [--shapes 16x1,64x2,128x2] [--rounds 3] [--steps 30]
 

@@ -1,14 +1,15 @@
 """Sums over a row and over the tokens, written so that XLA's CPU backend runs them fast.
 
-XLA's CPU pipeline rewrites every reduction over an axis longer than 32 into a reduce-window of 32 and a second
-reduce (its tree-reduction rewrite, kept on: the alternative is slower still, docs/benchmarks.md). Those
-reduce-windows run an output element at a time: in issue #14's float32 GPT step (d_model 256) they took some
-50 ms of a 500 ms step, the norms' and softmax's row sums ([8, 256, 256] -> [8, 256], 0.7-1.2 ms each) and the
-bias and norm-parameter gradients, sums over the 2,048 tokens ([2048, 1024] -> [1024], 3.5-7 ms each). Two
-rewrites avoid them, on CPU only (elsewhere both are the plain form, as before):
-- `split_rows`: a row of n > 32 (a multiple of 32) reduced as [n / 32, 32] over both axes, which the rewrite
-  leaves alone (no axis longer than 32). XLA's simplifier folds some such reductions back into one axis before
-  the rewrite: of a norm's or softmax's forward and backward, one reduce-window is left of 3-4 (the tests count);
+XLA's default CPU pipeline rewrites every reduction over an axis longer than 32 into a reduce-window of 32 and a
+second reduce (its tree-reduction rewrite), and those reduce-windows run an output element at a time: in issue
+#14's float32 GPT step (d_model 256) they took some 50 ms of a 500 ms step, the norms' and softmax's row sums
+([8, 256, 256] -> [8, 256], 0.7-1.2 ms each) and the bias and norm-parameter gradients, sums over the 2,048
+tokens ([2048, 1024] -> [1024], 3.5-7 ms each). Without the rewrite (the train step turns it off,
+train/program.step_compiler_options) a plain sum over the tokens runs slower still (that step 1.5x). Two
+rewrites, on CPU only (elsewhere both are the plain form):
+- `split_rows`: a row of n > 32 (a multiple of 32) reduced as [n / 32, 32] over both axes. Written for the
+  rewrite, which leaves axes of 32 alone; with it off, the GPT step still ran 1.08x faster than with plain rows
+  (467 against 505 ms) and the quickstart's 0.96-1.0x (docs/benchmarks.md);
 - `broadcast_rows`: a parameter broadcast over the tokens as ones [N, 1] · p [1, F], so that its gradient, the
   sum over the tokens, is the matmul ones^T · dy (XLA folds the forward product back into a broadcast).
 The same sums in another order: float rounding, nothing more.
@@ -21,7 +22,7 @@ import math
 import jax
 import jax.numpy as jnp
 
-WINDOW = 32  # XLA's CPU tree-reduction window
+WINDOW = 32  # XLA's CPU tree-reduction window, and the rows' split
 
 
 def split_rows(x: jax.Array) -> tuple[jax.Array, tuple[int, ...]]:

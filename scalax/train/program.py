@@ -39,13 +39,15 @@ def step_compiler_options() -> dict[str, Any] | None:
     step ran 1.06-1.37x faster for models of d_model 16-128 (benchmarks/cpu_step_options.py). And LLVM's O2
     instead of XLA's default O3 (`xla_backend_optimization_level`): the quickstart's steps compile 0.03-1.1 s
     sooner of 3.5-5 s and run as fast or faster (d16 x 1: 5.3 -> 4.7 ms); issue #14's d256 GPT step the same
-    within noise. The same numerics up to float rounding order. Where this XLA has no such option, and
-    elsewhere, the defaults. (XLA's tree-reduction rewrite stays on: the quickstart's 1-layer steps ran 1.04-1.2x
-    faster without it, issue #14's float32 GPT step, d_model 256, 1.6x slower; models/reductions.py writes the
-    norms', softmax's and parameter gradients' sums around it.)"""
+    within noise. And XLA's tree-reduction rewrite off (it splits every reduction over an axis longer than 32
+    into reduce-windows of 32, run an output element at a time): with the sums of models/reductions.py (the
+    parameter gradients as matmuls against ones) the quickstart's steps ran 1.02-1.18x faster without it and
+    issue #14's float32 GPT step (d_model 256) as fast (docs/benchmarks.md). The same numerics up to float
+    rounding order. Where this XLA has no such option, and elsewhere, the defaults."""
     if jax.default_backend() != "cpu":
         return None
-    options = {"xla_cpu_experimental_ynn_fusion_type": "", "xla_backend_optimization_level": 2}
+    options = {"xla_cpu_experimental_ynn_fusion_type": "", "xla_backend_optimization_level": 2,
+               "xla_disable_hlo_passes": "tree_reduction_rewriter"}
     try:
         jax.jit(lambda x: x + 1, compiler_options=options).lower(0.0).compile()
     except Exception:  # an XLA without the option: "No such compile option"

@@ -49,7 +49,10 @@ def test_split_rows_match_the_plain_form_and_compile_without_reduce_windows(name
           "logsumexp": (reductions.logsumexp, functools.partial(jax.nn.logsumexp, axis=-1))}[name]
     x = jnp.asarray(np.random.default_rng(2).normal(size=(8, 64, 256)), jnp.float32)
     grads = [jax.grad(lambda x, f=f: jnp.sum(jnp.sin(f(x)))) for f in fs]
-    rewrite = {k: v for k, v in step_compiler_options().items() if k != "xla_disable_hlo_passes"}
+    options = step_compiler_options()
+    if options is None:
+        pytest.skip(f"no such option in this XLA ({jax.__version__}) or not a CPU")
+    rewrite = {k: v for k, v in options.items() if k != "xla_disable_hlo_passes"}
     assert _compiled(grads[0], x).count("reduce-window(") == 0
     assert _compiled(grads[1], x, options=rewrite).count("reduce-window(") > 0  # what the option removes
     np.testing.assert_allclose(grads[0](x), grads[1](x), rtol=1e-4, atol=1e-5)

@@ -25,12 +25,14 @@ def peak_bytes(ma) -> int:
 
 
 def memory_plan(cfg, n_devices: int) -> dict:
-    """Per-device memory (bytes) of one train step of `cfg` on its mesh over `n_devices` devices."""
+    """Per-device memory (bytes) of one call of `cfg`'s train step (K steps with train.steps_per_call K > 1) on
+    its mesh over `n_devices` devices."""
     if jax.device_count() < n_devices:
         raise ConfigError("--devices", f"only {jax.device_count()} devices here, asked for {n_devices}")
     run = setup_run(cfg, devices=jax.devices()[:n_devices])
     prog, train_cfg = run.program, cfg.train
-    lowered = prog.train_step.lower(prog.abstract_state, prog.batch_shape(train_cfg.batch_size, train_cfg.seq_len))
+    # the program the run calls: with train.steps_per_call K > 1, K steps over a stack of K batches
+    lowered = prog.lower_step(train_cfg.batch_size, train_cfg.seq_len, train_cfg.get("steps_per_call", 1))
     # compiled for its memory analysis only, so without LLVM's optimisations (the same buffers, sooner); these
     # options are added to the step's own (jax appends them; a key given again wins)
     compiled = lowered.compile(run_once_compiler_options())

@@ -69,6 +69,15 @@ class Program:
     def batch_shape(self, batch_size: int, seq_len: int) -> jax.ShapeDtypeStruct:
         return jax.ShapeDtypeStruct((batch_size, seq_len + 1), jax.numpy.int32, sharding=self.layout.batch_sharding)
 
+    def lower_step(self, batch_size: int, seq_len: int, steps_per_call: int = 1):
+        """The step a run calls, lowered for abstract inputs: `train_steps` on a [K, B, T + 1] stack of batches
+        when steps_per_call K > 1 (the program holds it), else `train_step` on one [B, T + 1] batch."""
+        if steps_per_call == 1 or self.train_steps is None:
+            return self.train_step.lower(self.abstract_state, self.batch_shape(batch_size, seq_len))
+        batches = jax.ShapeDtypeStruct((steps_per_call, batch_size, seq_len + 1), jax.numpy.int32,
+                                       sharding=self.layout.stacked_batch_sharding)
+        return self.train_steps.lower(self.abstract_state, batches, jax.ShapeDtypeStruct((), jax.numpy.int32))
+
 
 def compile_program(model: Decoder, tx: optax.GradientTransformation, schedule: optax.Schedule, layout: Layout,
                     seed: int, seq_len: int, microbatches: int = 1, z_loss: float = 0.0, steps_per_call: int = 1

@@ -49,6 +49,21 @@ def test_plan_text_table_and_verdict():
     assert "does not fit on 1.0 MiB per device" in proc.stdout
 
 
+def test_plan_with_steps_per_call_holds_the_stack_of_batches():
+    """With train.steps_per_call K > 1 the plan compiles what the run calls, K steps over a [K, B, T + 1] stack of
+    int32 batches and a step count: its arguments exceed the one-step plan's by (K - 1) batches and 4 bytes."""
+    from scalax.config import load
+    from scalax.train.memory import memory_plan
+
+    B, T, K = 4, 32, 5
+    plans = [memory_plan(load("configs/llama.py:size=tiny", [f"--config.train.batch_size={B}",
+                                                             f"--config.train.seq_len={T}",
+                                                             f"--config.train.steps_per_call={k}"]), 1)
+             for k in (1, K)]
+    assert plans[1]["arguments"] - plans[0]["arguments"] == (K - 1) * B * (T + 1) * 4 + 4
+    assert plans[1]["params_per_device"] == plans[0]["params_per_device"]
+
+
 @pytest.mark.parametrize("text,expected", [("16GiB", 16 * GIB), ("80GB", 80 * 10**9), ("1.5 TiB", int(1.5 * 2**40)),
                                            ("512mib", 512 * 2**20), ("1000", 1000)])
 def test_parse_memory(text, expected):

@@ -32,7 +32,8 @@ class Bench:
         prog, train_cfg = run.program, cfg.train
         self.run, self.tokens = run, train_cfg.batch_size * train_cfg.seq_len
         start = time.perf_counter()
-        self.step = prog.lower_step(train_cfg.batch_size, train_cfg.seq_len).compile()  # one step a call
+        self.step = prog.train_step.lower(prog.abstract_state, prog.batch_shape(train_cfg.batch_size,
+                                                                                 train_cfg.seq_len)).compile()
         self.compile_seconds = time.perf_counter() - start
         ma = self.step.memory_analysis()
         self.peak_bytes = memory.peak_bytes(ma) if ma is not None else None

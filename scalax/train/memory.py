@@ -32,7 +32,7 @@ def memory_plan(cfg, n_devices: int) -> dict:
     run = setup_run(cfg, devices=jax.devices()[:n_devices])
     prog, train_cfg = run.program, cfg.train
     # the program the run calls: with train.steps_per_call K > 1, K steps over a stack of K batches
-    lowered = prog.lower_step(train_cfg.batch_size, train_cfg.seq_len, train_cfg.get("steps_per_call", 1))
+    lowered = prog.lower_call(train_cfg.batch_size, train_cfg.seq_len)
     # compiled for its memory analysis only, so without LLVM's optimisations (the same buffers, sooner); these
     # options are added to the step's own (jax appends them; a key given again wins)
     compiled = lowered.compile(run_once_compiler_options())

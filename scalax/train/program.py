@@ -65,16 +65,17 @@ class Program:
     train_step: Callable  # (state, batch_BxT1) -> (state, metrics)
     train_steps: Callable | None  # (state, batches_KxBxT1, n) -> (state, metrics [K]); None when K = 1
     eval_step: Callable  # (params, windows_NxT1) -> per-window mean loss [N], replicated
+    steps_per_call: int = 1  # K: the steps of one call of train_steps
 
     def batch_shape(self, batch_size: int, seq_len: int) -> jax.ShapeDtypeStruct:
         return jax.ShapeDtypeStruct((batch_size, seq_len + 1), jax.numpy.int32, sharding=self.layout.batch_sharding)
 
-    def lower_step(self, batch_size: int, seq_len: int, steps_per_call: int = 1):
-        """The step a run calls, lowered for abstract inputs: `train_steps` on a [K, B, T + 1] stack of batches
-        when steps_per_call K > 1 (the program holds it), else `train_step` on one [B, T + 1] batch."""
-        if steps_per_call == 1 or self.train_steps is None:
+    def lower_call(self, batch_size: int, seq_len: int):
+        """What a run calls, lowered for abstract inputs: `train_steps` on a [K, B, T + 1] stack of batches when
+        the program has it (K > 1), else `train_step` on one [B, T + 1] batch."""
+        if self.train_steps is None:
             return self.train_step.lower(self.abstract_state, self.batch_shape(batch_size, seq_len))
-        batches = jax.ShapeDtypeStruct((steps_per_call, batch_size, seq_len + 1), jax.numpy.int32,
+        batches = jax.ShapeDtypeStruct((self.steps_per_call, batch_size, seq_len + 1), jax.numpy.int32,
                                        sharding=self.layout.stacked_batch_sharding)
         return self.train_steps.lower(self.abstract_state, batches, jax.ShapeDtypeStruct((), jax.numpy.int32))
 
@@ -100,4 +101,4 @@ def compile_program(model: Decoder, tx: optax.GradientTransformation, schedule: 
                                          in_shardings=(params_sharding, layout.batch_sharding),
                                          compiler_options=step_compiler_options()))
     return Program(layout, shardings.with_shardings(abstract, state_sharding), state_sharding, params_sharding, init,
-                   train_step, train_steps, eval_step)
+                   train_step, train_steps, eval_step, steps_per_call)

@@ -145,7 +145,7 @@ def run_sweep(cfg: ConfigDict, workdir: str, parallel: int | None = None, log=pr
                 slot = min(set(range(parallel)) - {c.slot for c in active.values()})
                 active[run.name] = Child(*_start(cfg, run, workdir, cpus[slot], server), tail, slot)
                 ledger.update(run.name, status=RUNNING)
-            time.sleep(0.2)
+            server.wait(0.2)
             _collect(active, workdir, ledger, bar, log)
     finally:
         bar.close()

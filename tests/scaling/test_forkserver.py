@@ -36,6 +36,24 @@ def test_a_forked_command_prints_and_exits_as_python_m_scalax(tmp_path, monkeypa
         server.close()
 
 
+def test_wait_sleeps_until_a_child_ends(tmp_path, monkeypatch):
+    """`ForkServer.wait` (the sweep's pause between polls) takes its whole time without news and returns as soon
+    as a child's end arrives: a freed slot's next run starts then, not at the next poll."""
+    monkeypatch.chdir(REPO)
+    server = ForkServer()
+    try:
+        assert server.start_child(["--version"], str(tmp_path / "a.log")).wait() == 0  # (the server is up)
+        start = time.monotonic()
+        server.wait(0.3)
+        assert time.monotonic() - start >= 0.29
+        child, start = server.start_child(["--version"], str(tmp_path / "b.log")), time.monotonic()
+        while child.poll() is None:
+            server.wait(60)
+        assert child.returncode == 0 and time.monotonic() - start < 30
+    finally:
+        server.close()
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(not hasattr(os, "sched_setaffinity"), reason="needs CPU affinity (Linux)")
 def test_a_forked_run_is_pinned_has_its_environment_and_saves_when_the_server_dies(tmp_path, monkeypatch):

@@ -115,10 +115,10 @@ class ForkServer:
     def wait(self, seconds: float) -> None:
         """Sleep up to `seconds`, less when the server has news (a child ended): the runner starts the next run
         the moment a slot frees instead of at its next poll."""
-        if self._proc is None or self.dead or b"\n" in self._buffer:
-            time.sleep(seconds if self._proc is None or self.dead else 0)
-            return
-        select.select([self._proc.stdout.fileno()], [], [], seconds)
+        if self._proc is None or self.dead:
+            time.sleep(seconds)
+        elif b"\n" not in self._buffer:  # (else the news is already read)
+            select.select([self._proc.stdout.fileno()], [], [], seconds)
 
     def close(self) -> None:
         """End the server (its children get SIGTERM: call this once they have ended); one that never forked is

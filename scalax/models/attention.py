@@ -43,6 +43,16 @@ def resolve(cfg: ModelConfig, backend: str | None = None) -> str:
     return "dot_product" if backend == "gpu" else "einsum"
 
 
+def query_blocks_for(T: int, backend: str | None = None) -> int:
+    """How many query blocks `einsum_attention` splits self-attention over T positions into on `backend`
+    (default: JAX's): on CPU blocks of about 128 (64 below T = 256), 2 to 8 of them; elsewhere 1 (no split).
+    Skipping the scores above the diagonal made the attention's forward and backward pass 1.2-1.6x faster at the
+    quickstart's and issue #14's shapes (docs/benchmarks.md)."""
+    if (backend or jax.default_backend()) != "cpu" or T < 128:
+        return 1
+    return min(8, max(2, T // 128))
+
+
 def describe(cfg: ModelConfig) -> str:
     """One phrase for the run's first log line, e.g. 'einsum (auto on cpu)'."""
     impl = resolve(cfg)
@@ -50,8 +60,13 @@ def describe(cfg: ModelConfig) -> str:
 
 
 # ---------------------------------------------------------------------- einsum (the reference)
-def einsum_attention(q_BxTxGxQxK, k_BxSxGxK, v_BxSxGxK, q_pos_T, k_pos_S, bias_fn: BiasFn):
+def einsum_attention(q_BxTxGxQxK, k_BxSxGxK, v_BxSxGxK, q_pos_T, k_pos_S, bias_fn: BiasFn,
+                     query_blocks: int = 1):
     """Materialised scores; softmax in float32, probabilities cast to v's dtype. Returns [B, T, G, Q, K].
+
+    query_blocks > 1 is for self-attention only (the keys are the queries, positions increasing): the queries in
+    that many blocks, each against the keys up to its own last, so the scores wholly above the causal diagonal
+    are never computed (`query_blocks_for`).
 
     Both products are batched over (B, G) leading, with the Q query heads of a group stacked on the queries
     (M = Q·T): the [T, S] scores come out of the dot in the layout the softmax reads, and only q, k, v and the
@@ -59,6 +74,11 @@ def einsum_attention(q_BxTxGxQxK, k_BxSxGxK, v_BxSxGxK, q_pos_T, k_pos_S, bias_f
     from `btgqk,bsgk->bgqts` made XLA's CPU fusions transpose every [T, S] block (a 1.3-1.6x slower attention
     at quickstart shapes; benchmarks/attention_layout.py)."""
     B, T, G, Q, K = q_BxTxGxQxK.shape
+    if query_blocks > 1:
+        ends = [T * (i + 1) // query_blocks for i in range(query_blocks)]
+        return jnp.concatenate([
+            einsum_attention(q_BxTxGxQxK[:, a:b], k_BxSxGxK[:, :b], v_BxSxGxK[:, :b], q_pos_T[a:b], k_pos_S[:b],
+                             bias_fn) for a, b in zip([0, *ends[:-1]], ends, strict=True)], axis=1)
     S = k_BxSxGxK.shape[1]
     q_BxGxMxK = jnp.einsum("btgqk->bgqtk", q_BxTxGxQxK).reshape(B, G, Q * T, K)
     k_BxGxSxK, v_BxGxSxK = (jnp.einsum("bsgk->bgsk", x) for x in (k_BxSxGxK, v_BxSxGxK))
@@ -194,10 +214,12 @@ def splash_attention(q_BxTxGxQxK, k_BxSxGxK, v_BxSxGxK, block: int):
     return jnp.einsum("bgqtk->btgqk", out_BxGxQxTxK)
 
 
-def attend(impl: str, q_BxTxGxQxK, k_BxSxGxK, v_BxSxGxK, q_pos_T, k_pos_S, bias_fn: BiasFn, block: int):
-    """softmax(q·k / sqrt(K) + bias, causal by position) · v with implementation `impl`: [B, T, G, Q, K]."""
+def attend(impl: str, q_BxTxGxQxK, k_BxSxGxK, v_BxSxGxK, q_pos_T, k_pos_S, bias_fn: BiasFn, block: int,
+           query_blocks: int = 1):
+    """softmax(q·k / sqrt(K) + bias, causal by position) · v with implementation `impl`: [B, T, G, Q, K].
+    query_blocks: einsum's (self-attention only)."""
     if impl == "einsum":
-        return einsum_attention(q_BxTxGxQxK, k_BxSxGxK, v_BxSxGxK, q_pos_T, k_pos_S, bias_fn)
+        return einsum_attention(q_BxTxGxQxK, k_BxSxGxK, v_BxSxGxK, q_pos_T, k_pos_S, bias_fn, query_blocks)
     if impl == "dot_product":
         return dot_product_attention(q_BxTxGxQxK, k_BxSxGxK, v_BxSxGxK, q_pos_T, k_pos_S, bias_fn)
     if impl == "chunked":
@@ -266,7 +288,7 @@ class Attention(nn.Module):
         B, T = q_BxTxHxK.shape[:2]
         bias_fn = functools.partial(scheme.bias, cfg, table=bias_table) if scheme.has_bias else None
         out_BxTxGxQxK = attend(impl, q_BxTxHxK.reshape(B, T, G, H // G, K), k_BxSxGxK, v_BxSxGxK, positions_T,
-                               k_pos_S, bias_fn, cfg.attention_block)
+                               k_pos_S, bias_fn, cfg.attention_block, 1 if self.decode else query_blocks_for(T))
         out_BxTxHxK = constrain(out_BxTxGxQxK.reshape(B, T, H, K), ("act_batch", "act_seq", "act_heads",
                                                                     "act_head_dim"))
         out_BxTxD = DenseGeneral(

@@ -11,8 +11,8 @@ import pytest
 from jax.sharding import Mesh
 
 from scalax.errors import ConfigError
-from scalax.models import Decoder, apply, positions
-from scalax.models.attention import attend, describe, resolve
+from scalax.models import Decoder, apply, attention, positions
+from scalax.models.attention import attend, describe, query_blocks_for, resolve
 from scalax.models.decoder import init_cache
 from scalax.parallel.mesh import Layout
 from scalax.parallel.rules import DEFAULT_RULES
@@ -31,7 +31,7 @@ def inputs(dtype, heads, kv_heads, T, S=None, K=8, seed=0):
     return q, k, v, table
 
 
-def outputs_and_grads(impl, cfg, q, k, v, table, block, compiler_options=None):
+def outputs_and_grads(impl, cfg, q, k, v, table, block, compiler_options=None, query_blocks=1):
     """attend's output and the gradients of a random projection of it w.r.t. q, k, v and T5's table (one
     compiled program)."""
     T, S = q.shape[1], k.shape[1]
@@ -41,7 +41,7 @@ def outputs_and_grads(impl, cfg, q, k, v, table, block, compiler_options=None):
     def f(q, k, v, table):
         scheme = positions.scheme_of(cfg)
         bias_fn = functools.partial(scheme.bias, cfg, table=table) if scheme.has_bias else None
-        out = attend(impl, q, k, v, q_pos, k_pos, bias_fn, block)
+        out = attend(impl, q, k, v, q_pos, k_pos, bias_fn, block, query_blocks)
         return jnp.sum(out.astype(jnp.float32) * w), out
 
     grad_fn = jax.value_and_grad(f, argnums=(0, 1, 2, 3), has_aux=True)
@@ -73,6 +73,41 @@ def test_attention_agrees_with_einsum(position, kv_heads, dtype):
             assert_close(g, r, TOLERANCE[dtype])
         if position == "t5":  # the table gets a gradient, block by block
             assert np.abs(np.asarray(grads[3])).max() > 0
+
+
+@pytest.mark.parametrize(("position", "kv_heads"), [("none", 4), ("alibi", 2), ("t5", 1)],
+                         ids=["mha-none", "gqa-alibi", "mqa-t5"])
+def test_einsum_in_query_blocks_equals_one_block(position, kv_heads):
+    """Self-attention over 40 positions in 2, 3 (uneven: 13, 13, 14) and 8 query blocks, each against the keys up
+    to its last: the same output and gradients as the whole [T, S] scores, T5's table included."""
+    cfg = small_config("llama", position=position, n_kv_heads=kv_heads)
+    q, k, v, table = inputs("float32", 4, kv_heads, 40)
+    ref, ref_grads = outputs_and_grads("einsum", cfg, q, k, v, table, block=16)
+    for blocks in (2, 3, 8):
+        out, grads = outputs_and_grads("einsum", cfg, q, k, v, table, block=16, query_blocks=blocks)
+        assert_close(out, ref, TOLERANCE["float32"])
+        for g, r in zip(grads, ref_grads, strict=True):
+            assert_close(g, r, TOLERANCE["float32"])
+
+
+def test_the_decoder_splits_training_attention_into_query_blocks_on_cpu(monkeypatch):
+    """A GPT over 128 positions: its attention in 2 query blocks (scores of [64, 64] and [64, 128] per head, none
+    of [128, 128]), the logits and gradients those of one block; decoding never splits (test above)."""
+    assert [query_blocks_for(T, "cpu") for T in (64, 127, 128, 256, 512, 1024, 4096)] == [1, 1, 2, 2, 4, 8, 8]
+    assert query_blocks_for(1024, "gpu") == query_blocks_for(1024, "tpu") == 1
+    cfg = small_config("gpt", max_seq_len=128, n_heads=2, d_model=32)
+    params = init_params(cfg)
+    tokens = jax.random.randint(jax.random.key(4), (2, 128), 0, cfg.vocab_size)
+    loss = lambda p: jnp.mean(apply(cfg, p, tokens).astype(jnp.float32) ** 2)  # noqa: E731
+    jaxpr = str(jax.make_jaxpr(loss)(params))
+    assert "f32[2,2,64,64]" in jaxpr and "f32[2,2,64,128]" in jaxpr and "f32[2,2,128,128]" not in jaxpr
+    got = jax.jit(jax.value_and_grad(loss))(params)
+    monkeypatch.setattr(attention, "query_blocks_for", lambda T: 1)
+    jax.clear_caches()  # apply's traces are cached
+    assert "f32[2,2,128,128]" in str(jax.make_jaxpr(loss)(params))
+    want = jax.jit(jax.value_and_grad(loss))(params)
+    for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+        assert_close(g, w, 2e-5)
 
 
 @pytest.mark.parametrize("level", [0, 3])

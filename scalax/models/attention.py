@@ -1,7 +1,8 @@
 """Causal self-attention: MHA, GQA and MQA, RoPE, an additive position bias, a KV cache, and five ways to
 compute softmax(q·k / sqrt(K) + bias) · v, chosen by `model.attention`:
 
-- `einsum`: the reference. Scores [B, G, Q, T, S] in float32, materialised.
+- `einsum`: the reference. Scores [B, G, Q, T, S] in float32, materialised; on CPU self-attention in query
+  blocks that skip the scores above the causal diagonal (`query_blocks_for`).
 - `dot_product`: `jax.nn.dot_product_attention`; cuDNN's fused kernel on a GPU in bfloat16/float16, XLA's
   otherwise.
 - `chunked`: blockwise attention in pure JAX with an online softmax (Rabe & Staats 2021; Dao et al. 2022):
@@ -46,8 +47,8 @@ def resolve(cfg: ModelConfig, backend: str | None = None) -> str:
 def query_blocks_for(T: int, backend: str | None = None) -> int:
     """How many query blocks `einsum_attention` splits self-attention over T positions into on `backend`
     (default: JAX's): on CPU blocks of about 128 (64 below T = 256), 2 to 8 of them; elsewhere 1 (no split).
-    Skipping the scores above the diagonal made the attention's forward and backward pass 1.2-1.6x faster at the
-    quickstart's and issue #14's shapes (docs/benchmarks.md)."""
+    Skipping the scores above the diagonal made the attention's forward and backward pass 1.2-1.5x faster at issue
+    #14's and the quickstart's shapes, the quickstart's steps 1.11-1.17x (docs/benchmarks.md)."""
     if (backend or jax.default_backend()) != "cpu" or T < 128:
         return 1
     return min(8, max(2, T // 128))

@@ -92,7 +92,7 @@ def test_einsum_in_query_blocks_equals_one_block(position, kv_heads):
 
 def test_the_decoder_splits_training_attention_into_query_blocks_on_cpu(monkeypatch):
     """A GPT over 128 positions: its attention in 2 query blocks (scores of [64, 64] and [64, 128] per head, none
-    of [128, 128]), the logits and gradients those of one block; decoding never splits (test above)."""
+    of [128, 128]), the logits and gradients those of one block."""
     assert [query_blocks_for(T, "cpu") for T in (64, 127, 128, 256, 512, 1024, 4096)] == [1, 1, 2, 2, 4, 8, 8]
     assert query_blocks_for(1024, "gpu") == query_blocks_for(1024, "tpu") == 1
     cfg = small_config("gpt", max_seq_len=128, n_heads=2, d_model=32)
@@ -108,6 +108,20 @@ def test_the_decoder_splits_training_attention_into_query_blocks_on_cpu(monkeypa
     want = jax.jit(jax.value_and_grad(loss))(params)
     for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
         assert_close(g, w, 2e-5)
+
+
+def test_decoding_a_long_chunk_after_a_prefill_keeps_one_query_block():
+    """128 tokens decoded at position 128 of a 256-long cache (queries after a prefix of keys: a split by query
+    blocks would cut their keys short) give the full forward pass's logits."""
+    cfg = small_config("gpt", max_seq_len=256)
+    params = init_params(cfg)
+    tokens = jax.random.randint(jax.random.key(5), (1, 256), 0, cfg.vocab_size)
+    model = Decoder(cfg, decode=True)
+    step = jax.jit(lambda p, c, t: model.apply({"params": p, "cache": c}, t, mutable=["cache"]))
+    first, state = step(params, init_cache(model, params, 1, 256), tokens[:, :128])
+    second, _ = step(params, state["cache"], tokens[:, 128:])
+    want = jax.jit(lambda p: apply(cfg, p, tokens))(params)
+    assert_close(jnp.concatenate([first, second], axis=1), want, 2e-5)
 
 
 @pytest.mark.parametrize("level", [0, 3])

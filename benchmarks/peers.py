@@ -1,10 +1,12 @@
 """scalax's train step against its peers' at the same shapes, in one run: a plain Flax GPT (nanodo's shape: linen
 modules, an optax AdamW, one jitted step) and a nanoGPT-style PyTorch eager step.
 
-    python benchmarks/peers.py [--rounds 3] [--steps 10] [--dtypes float32,bfloat16]
+    python benchmarks/peers.py [--rounds 3] [--steps 10] [--dtypes float32,bfloat16] [--steps-per-call 10]
 
 GPT family, d_model 256, 4 layers, 4 heads, context 256, batch 8, vocabulary 256 (issue #14's shapes); scalax with
-`model.scan_unroll=0` (auto: its 4 layers as straight-line code). Variants
+`model.scan_unroll=0` (auto: its 4 layers as straight-line code) and `train.steps_per_call=10` (as the quickstart:
+ten steps to a compiled call, so a call's temporaries, 255 MB here, are allocated and faulted in once for ten
+steps; 1 for one step a call, as plain Flax's). Variants
 alternate within each round and the median round counts; the float32 2048² matmul peak is measured in the same
 run, and each step's FLOP/s (6N + unembedding + causal attention per token) is quoted against it.
 """
@@ -12,6 +14,7 @@ run, and each step's FLOP/s (6N + unembedding + causal attention per token) is q
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import platform
 import statistics
@@ -33,11 +36,12 @@ from scalax.train.metrics import measure_matmul_flops
 D, L, H, T, B, V = 256, 4, 4, 256, 8, 256
 
 
-def scalax_variant(dtype: str) -> Bench:
+def scalax_variant(dtype: str, steps_per_call: int = 1) -> Bench:
     cfg = config_lib.load("configs/gpt.py", [f"--config.model.{k}={v}" for k, v in dict(
         d_model=D, n_layers=L, n_heads=H, d_ff=4 * D, max_seq_len=T, vocab_size=V, dtype=dtype,
         scan_unroll=0).items()]
-        + [f"--config.train.batch_size={B}", f"--config.train.seq_len={T}"])
+        + [f"--config.train.batch_size={B}", f"--config.train.seq_len={T}",
+           f"--config.train.steps_per_call={steps_per_call}"])
     return Bench(f"scalax {dtype}", cfg)
 
 
@@ -164,13 +168,15 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--dtypes", default="float32,bfloat16")
+    parser.add_argument("--steps-per-call", type=int, default=10, help="scalax's train.steps_per_call")
     args = parser.parse_args()
-    keep_freed_memory()  # as `scalax bench` and `scalax train` do; the peers share the process, so the setting
+    keep_freed_memory()  # as `scalax bench` and `scalax train` do; the peers share the process and the setting
     peak = measure_matmul_flops(jnp.float32, n=2048, repeats=10)
     dtypes = args.dtypes.split(",")
     variants = {}
     for dtype in dtypes:
-        for make in (scalax_variant, FlaxVariant, TorchVariant):
+        for make in (functools.partial(scalax_variant, steps_per_call=args.steps_per_call), FlaxVariant,
+                     TorchVariant):
             v = make(dtype)
             variants[v.name] = v
     rates = {name: [] for name in variants}
@@ -181,8 +187,8 @@ def main() -> None:
     ours = next(v for v in variants.values() if isinstance(v, Bench))
     per_token = flops.flops_per_token(ours.run.model, T, MFU_CONVENTION)
     print(f"# {time.strftime('%Y-%m-%d')}, {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
-          f"jax {jax.__version__}; GPT d{D} L{L} H{H}, batch {B} x {T}, vocabulary {V}; float32 2048² matmul "
-          f"{peak / 1e9:.1f} GFLOP/s")
+          f"jax {jax.__version__}; GPT d{D} L{L} H{H}, batch {B} x {T}, vocabulary {V}; scalax's steps_per_call "
+          f"{args.steps_per_call}; float32 2048² matmul {peak / 1e9:.1f} GFLOP/s")
     print("| step | tokens/s (median) | min .. max | of the matmul peak | scalax / this |")
     print("|---|---|---|---|---|")
     for dtype in dtypes:

@@ -1,10 +1,11 @@
 """`scalax bench`: the real train step of each config (its mesh, optimizer, donation, compiler options), timed on
 random tokens: tokens/s, achieved FLOP/s, MFU, compile time and peak memory per device.
 
-The configs are compiled first, then timed in `rounds` rounds of `steps` steps that alternate between them, and
-the median round is reported (a machine's speed drifts between minutes; alternating spreads the drift over every
-config). FLOPs count the `6n_head_attn` convention, as MFU does in training logs; the peak is the data sheet's
-on TPU and GPU, and on CPU a matmul measured once per machine (train/metrics.py), named in the output.
+With `train.steps_per_call` K > 1 the steps go K to a compiled call, as a run calls them (a round's steps rounded
+up to whole calls). The configs are compiled first, then timed in `rounds` rounds of `steps` steps that alternate
+between them, and the median round is reported (a machine's speed drifts between minutes; alternating spreads the
+drift over every config). FLOPs count the `6n_head_attn` convention, as MFU does in training logs; the peak is the
+data sheet's on TPU and GPU, and on CPU a matmul measured once per machine (train/metrics.py), named in the output.
 """
 
 from __future__ import annotations
@@ -31,27 +32,35 @@ class Bench:
         run = setup_run(cfg)
         prog, train_cfg = run.program, cfg.train
         self.run, self.tokens = run, train_cfg.batch_size * train_cfg.seq_len
+        self.steps_per_call = prog.steps_per_call  # K: steps per compiled call, as the run calls them
         start = time.perf_counter()
-        self.step = prog.train_step.lower(prog.abstract_state, prog.batch_shape(train_cfg.batch_size,
-                                                                                 train_cfg.seq_len)).compile()
+        self.step = prog.lower_call(train_cfg.batch_size, train_cfg.seq_len).compile()
         self.compile_seconds = time.perf_counter() - start
         ma = self.step.memory_analysis()
         self.peak_bytes = memory.peak_bytes(ma) if ma is not None else None
-        tokens = np.random.default_rng(0).integers(0, run.model.vocab_size,
-                                                   (train_cfg.batch_size, train_cfg.seq_len + 1), dtype=np.int32)
-        self.batch = jax.device_put(tokens, run.layout.batch_sharding)
+        shape = (train_cfg.batch_size, train_cfg.seq_len + 1)
+        rng = np.random.default_rng(0)
+        if self.steps_per_call == 1:
+            batch = jax.device_put(rng.integers(0, run.model.vocab_size, shape, dtype=np.int32),
+                                   run.layout.batch_sharding)
+            self.args: tuple = (batch,)
+        else:  # a stack of K batches and the count of steps to take from it
+            batches = rng.integers(0, run.model.vocab_size, (self.steps_per_call, *shape), dtype=np.int32)
+            self.args = (jax.device_put(batches, run.layout.stacked_batch_sharding),
+                         jax.device_put(np.int32(self.steps_per_call), run.layout.replicated))
         self.state = prog.init()
         self.time_steps(1)  # the first call allocates and warms caches
         self.rates: list[float] = []
 
     def time_steps(self, steps: int) -> float:
-        """Tokens/s over `steps` steps (the last one waited for)."""
+        """Tokens/s over at least `steps` steps, whole calls of K (the last one waited for)."""
+        calls = -(-steps // self.steps_per_call)
         start, state = time.perf_counter(), self.state
-        for _ in range(steps):
-            state, metrics = self.step(state, self.batch)
+        for _ in range(calls):
+            state, metrics = self.step(state, *self.args)
         jax.block_until_ready(metrics)
         self.state = state
-        return steps * self.tokens / (time.perf_counter() - start)
+        return calls * self.steps_per_call * self.tokens / (time.perf_counter() - start)
 
     def result(self) -> dict:
         model, devices = self.run.model, self.run.layout.mesh.size
@@ -60,6 +69,7 @@ class Bench:
         peak, source = peak_flops_per_device(model.dtype)
         return {"name": self.name, "params": flops.params_total(model), "dtype": model.dtype,
                 "batch_size": self.cfg.train.batch_size, "seq_len": self.cfg.train.seq_len,
+                "steps_per_call": self.steps_per_call,
                 "devices": devices, "tokens_per_s": tokens_per_s, "tokens_per_s_rounds": self.rates,
                 "flops_per_token": per_token, "flops_per_s": tokens_per_s * per_token,
                 "mfu": tokens_per_s * per_token / (peak * devices), "peak_flops_per_device": peak,

@@ -48,3 +48,15 @@ def test_bench_refuses_non_positive_counts_in_one_line(capsys, flag):
     rc = cli.main(["bench", "--config=configs/llama.py:size=tiny", flag])
     err = capsys.readouterr().err
     assert rc != 0 and flag.split("=")[0] in err and len(err.strip().splitlines()) == 1
+
+
+def test_bench_times_the_steps_k_to_a_call_as_the_run_calls_them():
+    from scalax.train.bench import Bench
+
+    cfg = config_lib.load("configs/llama.py:size=tiny", [*SMALL, "--config.train.steps_per_call=4"])
+    b = Bench("k4", cfg)
+    assert b.steps_per_call == 4 and b.args[0].shape == (4, 8, 33)
+    before = int(b.state.step)
+    b.rates.append(b.time_steps(5))  # rounded up to two calls of 4
+    assert int(b.state.step) - before == 8
+    assert b.result()["steps_per_call"] == 4

@@ -75,8 +75,8 @@ def main() -> None:
              for name, shape in SHAPES.items() for form in CONTRACT}
     times = {key: ([], [], []) for key in cases}
     for _ in range(args.rounds):
-        for key, pair in cases.items():
-            for call, out in zip(pair, times[key], strict=True):
+        for key, library_calls in cases.items():
+            for call, out in zip(library_calls, times[key], strict=True):
                 time.sleep(args.pause)  # the last library's idle threads stop spinning (see the docstring)
                 call()
                 out.append(seconds(call, args.calls))

@@ -170,6 +170,8 @@ def main() -> None:
     parser.add_argument("--dtypes", default="float32,bfloat16")
     parser.add_argument("--steps-per-call", type=int, default=10, help="scalax's train.steps_per_call")
     args = parser.parse_args()
+    if args.steps_per_call < 1:
+        parser.error(f"--steps-per-call must be a positive integer, got {args.steps_per_call}")
     keep_freed_memory()  # as `scalax bench` and `scalax train` do; the peers share the process and the setting
     peak = measure_matmul_flops(jnp.float32, n=2048, repeats=10)
     dtypes = args.dtypes.split(",")

@@ -38,16 +38,13 @@ class Bench:
         self.compile_seconds = time.perf_counter() - start
         ma = self.step.memory_analysis()
         self.peak_bytes = memory.peak_bytes(ma) if ma is not None else None
-        shape = (train_cfg.batch_size, train_cfg.seq_len + 1)
-        rng = np.random.default_rng(0)
-        if self.steps_per_call == 1:
-            batch = jax.device_put(rng.integers(0, run.model.vocab_size, shape, dtype=np.int32),
-                                   run.layout.batch_sharding)
-            self.args: tuple = (batch,)
-        else:  # a stack of K batches and the count of steps to take from it
-            batches = rng.integers(0, run.model.vocab_size, (self.steps_per_call, *shape), dtype=np.int32)
-            self.args = (jax.device_put(batches, run.layout.stacked_batch_sharding),
-                         jax.device_put(np.int32(self.steps_per_call), run.layout.replicated))
+        k, shape = self.steps_per_call, (train_cfg.batch_size, train_cfg.seq_len + 1)
+        tokens = np.random.default_rng(0).integers(0, run.model.vocab_size, shape if k == 1 else (k, *shape),
+                                                   dtype=np.int32)
+        # one batch, or a stack of K batches and the count of steps to take from it
+        self.args: tuple = ((jax.device_put(tokens, run.layout.batch_sharding),) if k == 1 else
+                            (jax.device_put(tokens, run.layout.stacked_batch_sharding),
+                             jax.device_put(np.int32(k), run.layout.replicated)))
         self.state = prog.init()
         self.time_steps(1)  # the first call allocates and warms caches
         self.rates: list[float] = []

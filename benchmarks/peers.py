@@ -1,12 +1,12 @@
 """scalax's train step against its peers' at the same shapes, in one run: a plain Flax GPT (nanodo's shape: linen
 modules, an optax AdamW, one jitted step) and a nanoGPT-style PyTorch eager step.
 
-    python benchmarks/peers.py [--rounds 3] [--steps 10] [--dtypes float32,bfloat16] [--steps-per-call 10]
+    python benchmarks/peers.py [--rounds 3] [--steps 10] [--dtypes float32,bfloat16] [--steps-per-call 0]
 
 GPT family, d_model 256, 4 layers, 4 heads, context 256, batch 8, vocabulary 256 (issue #14's shapes); scalax with
-`model.scan_unroll=0` (auto: its 4 layers as straight-line code) and `train.steps_per_call=10` (as the quickstart:
-ten steps to a compiled call, so a call's temporaries, 255 MB here, are allocated and faulted in once for ten
-steps; 1 for one step a call, as plain Flax's). Variants
+`model.scan_unroll=0` (auto: its 4 layers as straight-line code) and `train.steps_per_call=0` (auto, as `scalax
+train` runs it: on CPU ten steps to a compiled call, so a call's temporaries, 255 MB here, are allocated and
+faulted in once for ten steps; --steps-per-call 1 for one step a call, as plain Flax's). Variants
 alternate within each round and the median round counts; the float32 2048² matmul peak is measured in the same
 run, and each step's FLOP/s (6N + unembedding + causal attention per token) is quoted against it.
 """
@@ -36,7 +36,7 @@ from scalax.train.metrics import measure_matmul_flops
 D, L, H, T, B, V = 256, 4, 4, 256, 8, 256
 
 
-def scalax_variant(dtype: str, steps_per_call: int = 1) -> Bench:
+def scalax_variant(dtype: str, steps_per_call: int = 0) -> Bench:
     cfg = config_lib.load("configs/gpt.py", [f"--config.model.{k}={v}" for k, v in dict(
         d_model=D, n_layers=L, n_heads=H, d_ff=4 * D, max_seq_len=T, vocab_size=V, dtype=dtype,
         scan_unroll=0).items()]
@@ -168,10 +168,10 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--dtypes", default="float32,bfloat16")
-    parser.add_argument("--steps-per-call", type=int, default=10, help="scalax's train.steps_per_call")
+    parser.add_argument("--steps-per-call", type=int, default=0, help="scalax's train.steps_per_call (0: auto)")
     args = parser.parse_args()
-    if args.steps_per_call < 1:
-        parser.error(f"--steps-per-call must be a positive integer, got {args.steps_per_call}")
+    if args.steps_per_call < 0:
+        parser.error(f"--steps-per-call must be a positive integer or 0 (auto), got {args.steps_per_call}")
     keep_freed_memory()  # as `scalax bench` and `scalax train` do; the peers share the process and the setting
     peak = measure_matmul_flops(jnp.float32, n=2048, repeats=10)
     dtypes = args.dtypes.split(",")
@@ -190,7 +190,7 @@ def main() -> None:
     per_token = flops.flops_per_token(ours.run.model, T, MFU_CONVENTION)
     print(f"# {time.strftime('%Y-%m-%d')}, {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
           f"jax {jax.__version__}; GPT d{D} L{L} H{H}, batch {B} x {T}, vocabulary {V}; scalax's steps_per_call "
-          f"{args.steps_per_call}; float32 2048² matmul {peak / 1e9:.1f} GFLOP/s")
+          f"{ours.steps_per_call}; float32 2048² matmul {peak / 1e9:.1f} GFLOP/s")
     print("| step | tokens/s (median) | min .. max | of the matmul peak | scalax / this |")
     print("|---|---|---|---|---|")
     for dtype in dtypes:

@@ -256,7 +256,8 @@ def cmd_plan(args: argparse.Namespace, overrides: list[str]) -> int:
     from scalax import config as config_lib
     from scalax.train import memory as memory_lib
 
-    report = memory_lib.memory_plan(config_lib.load_run(args.config, overrides), args.devices)
+    platform = devices.PLATFORM.get((args.device or "").lower())  # the run's, where --device names it
+    report = memory_lib.memory_plan(config_lib.load_run(args.config, overrides), args.devices, platform)
     report["device"] = description
     report["fits"] = memory_lib.verdict(report, memory)
     print(json.dumps(report, indent=2) if args.json else memory_lib.format_report(report, memory, description))

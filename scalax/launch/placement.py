@@ -91,7 +91,7 @@ def _main() -> None:
     out = {}
     for name, config in json.loads(sys.stdin.read()).items():
         try:
-            out[name] = {"peak": memory.memory_plan(ConfigDict(config), devices)["peak_per_device"]}
+            out[name] = {"peak": memory.memory_plan(ConfigDict(config), devices, "tpu")["peak_per_device"]}
         except ScalaxError as e:
             out[name] = {"error": str(e)}
     print(json.dumps(out))

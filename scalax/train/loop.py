@@ -187,6 +187,7 @@ class Trainer:
             f"{data.header['counts']['train']['tokens'] / 1e6:.1f}M training tokens "
             f"({corpora.epochs(data.header, run.steps * self.tokens_per_step):.2f} epochs); mesh {sizes} "
             f"({jax.process_count()} process(es)); attention {attention.describe(run.model)}; "
+            f"up to {run.program.steps_per_call} step(s) a call; "
             f"MFU against {self.peak / 1e12:.2f} TFLOP/s per device "
             f"({peak_source})")
 
@@ -295,7 +296,7 @@ class Trainer:
         """The last step of the call that starts at `first`: the next multiple of train.steps_per_call (calls
         aligned the same in a run and its resumes), the run's last step, or the first step before either at
         which a log, evaluation or save falls due."""
-        k = self.train_cfg.get("steps_per_call", 1)
+        k = self.run_setup.program.steps_per_call
         end = min(-(-first // k) * k, self.run_setup.steps)
         return next((step for step in range(first, end) if any(self._due(step))), end)
 
@@ -309,7 +310,7 @@ class Trainer:
             batch_BxT1 = jax.make_array_from_process_local_data(layout.batch_sharding, local[0], global_shape)
             self.state, metrics = prog.train_step(self.state, batch_BxT1)
         else:  # a stack of K batches, the unused ones zeros
-            k = train_cfg.steps_per_call
+            k = prog.steps_per_call
             local_KxBxT1 = np.stack(local + [np.zeros_like(local[0])] * (k - n))
             batches = jax.make_array_from_process_local_data(layout.stacked_batch_sharding, local_KxBxT1,
                                                              (k, *global_shape))

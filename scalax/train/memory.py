@@ -24,12 +24,13 @@ def peak_bytes(ma) -> int:
     return int(ma.argument_size_in_bytes + ma.output_size_in_bytes - ma.alias_size_in_bytes + ma.temp_size_in_bytes)
 
 
-def memory_plan(cfg, n_devices: int) -> dict:
+def memory_plan(cfg, n_devices: int, platform: str | None = None) -> dict:
     """Per-device memory (bytes) of one call of `cfg`'s train step (K steps with train.steps_per_call K > 1) on
-    its mesh over `n_devices` devices."""
+    its mesh over `n_devices` devices; `platform` (cpu, gpu, tpu; default this host's) is the one the run will
+    use, which decides train.steps_per_call = 0 (auto)."""
     if jax.device_count() < n_devices:
         raise ConfigError("--devices", f"only {jax.device_count()} devices here, asked for {n_devices}")
-    run = setup_run(cfg, devices=jax.devices()[:n_devices])
+    run = setup_run(cfg, devices=jax.devices()[:n_devices], platform=platform)
     prog, train_cfg = run.program, cfg.train
     # the program the run calls: with train.steps_per_call K > 1, K steps over a stack of K batches
     lowered = prog.lower_call(train_cfg.batch_size, train_cfg.seq_len)

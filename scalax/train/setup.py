@@ -23,6 +23,7 @@ from scalax.models import Decoder, ModelConfig, mup
 from scalax.parallel import mesh as mesh_lib
 from scalax.train import optim, program
 
+AUTO_STEPS_PER_CALL = 10  # train.steps_per_call = 0 on CPU (steps_per_call below)
 
 @dataclasses.dataclass(frozen=True)
 class RunSetup:
@@ -59,8 +60,9 @@ def validate(cfg: ConfigDict) -> None:
     if train_cfg.get("eval_batch_size", 0) < 0:  # .get: resolved configs written before the key existed
         raise ConfigError("train.eval_batch_size", f"must be >= 0 (0: train.batch_size), got "
                           f"{train_cfg.eval_batch_size}")
-    if train_cfg.get("steps_per_call", 1) <= 0:  # .get: resolved configs written before the key existed
-        raise ConfigError("train.steps_per_call", f"must be a positive integer, got {train_cfg.steps_per_call}")
+    if train_cfg.get("steps_per_call", 1) < 0:  # .get: resolved configs written before the key existed
+        raise ConfigError("train.steps_per_call", f"must be a positive integer or 0 (auto: {AUTO_STEPS_PER_CALL} on "
+                          f"CPU, 1 on GPU and TPU), got {train_cfg.steps_per_call}")
     if train_cfg.get("checkpoint_minutes", 0) < 0:  # .get: resolved configs written before the key existed
         raise ConfigError("train.checkpoint_minutes", f"must be >= 0 (0: off), got {train_cfg.checkpoint_minutes}")
     if any(not isinstance(s, int) or s <= 0 for s in train_cfg.get("checkpoint_steps", ())):
@@ -72,8 +74,17 @@ def validate(cfg: ConfigDict) -> None:
         raise ConfigError("data.val_fraction", f"must be in (0, 1), got {cfg.data.val_fraction}")
 
 
-def setup_run(cfg: ConfigDict, devices=None) -> RunSetup:
-    """Validate `cfg` and build its program on a mesh over `devices` (default: every device of every process)."""
+def steps_per_call(train_cfg: ConfigDict, platform: str) -> int:
+    """The steps of one compiled call on `platform` (cpu, gpu, tpu): train.steps_per_call, or for 0 (auto)
+    AUTO_STEPS_PER_CALL on CPU, where each call pays its dispatch and the first touch of its temporaries' pages,
+    and 1 on GPU and TPU, where calls are dispatched ahead of the device and profiles show one step a call."""
+    k = train_cfg.get("steps_per_call", 1)  # .get: resolved configs written before the key existed
+    return k if k > 0 else AUTO_STEPS_PER_CALL if platform == "cpu" else 1
+
+
+def setup_run(cfg: ConfigDict, devices=None, platform: str | None = None) -> RunSetup:
+    """Validate `cfg` and build its program on a mesh over `devices` (default: every device of every process);
+    `platform` (default: the devices') resolves train.steps_per_call = 0 (a plan on CPU for a TPU passes tpu)."""
     validate(cfg)
     model_cfg = config_lib.model_config(cfg)
     train_cfg = cfg.train
@@ -93,5 +104,6 @@ def setup_run(cfg: ConfigDict, devices=None) -> RunSetup:
                          eps_multiplier=mup.adam_eps_multiplier(model_cfg))
     schedule = optim.schedule(cfg.optim, steps, tokens_per_step)
     prog = program.compile_program(Decoder(model_cfg), tx, schedule, layout, train_cfg.seed, train_cfg.seq_len,
-                                   train_cfg.microbatches, train_cfg.z_loss, train_cfg.get("steps_per_call", 1))
+                                   train_cfg.microbatches, train_cfg.z_loss,
+                                   steps_per_call(train_cfg, platform or layout.mesh.devices.flat[0].platform))
     return RunSetup(model_cfg, steps, layout, tx, schedule, prog)

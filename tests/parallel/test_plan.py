@@ -51,17 +51,33 @@ def test_plan_text_table_and_verdict():
 
 def test_plan_with_steps_per_call_holds_the_stack_of_batches():
     """With train.steps_per_call K > 1 the plan compiles what the run calls, K steps over a [K, B, T + 1] stack of
-    int32 batches and a step count: its arguments exceed the one-step plan's by (K - 1) batches and 4 bytes."""
+    int32 batches and a step count: its arguments exceed the one-step plan's by (K - 1) batches and 4 bytes. Auto
+    (0) plans the platform's K: AUTO_STEPS_PER_CALL on CPU, one step on TPU."""
     from scalax.config import load
     from scalax.train.memory import memory_plan
+    from scalax.train.setup import AUTO_STEPS_PER_CALL
 
-    B, T, K = 4, 32, 5
-    plans = [memory_plan(load("configs/llama.py:size=tiny", [f"--config.train.batch_size={B}",
-                                                             f"--config.train.seq_len={T}",
-                                                             f"--config.train.steps_per_call={k}"]), 1)
-             for k in (1, K)]
-    assert plans[1]["arguments"] - plans[0]["arguments"] == (K - 1) * B * (T + 1) * 4 + 4
-    assert plans[1]["params_per_device"] == plans[0]["params_per_device"]
+    B, T, K = 4, 32, AUTO_STEPS_PER_CALL
+
+    def plan(k: int, platform: str) -> dict:
+        return memory_plan(load("configs/llama.py:size=tiny", [f"--config.train.batch_size={B}",
+                                                               f"--config.train.seq_len={T}",
+                                                               f"--config.train.steps_per_call={k}"]), 1, platform)
+
+    one, auto_cpu, auto_tpu = plan(1, "cpu"), plan(0, "cpu"), plan(0, "tpu")
+    assert auto_cpu["arguments"] - one["arguments"] == (K - 1) * B * (T + 1) * 4 + 4
+    assert auto_cpu["params_per_device"] == one["params_per_device"]
+    assert auto_tpu == one
+
+
+def test_steps_per_call_auto_is_ten_on_cpu_one_elsewhere():
+    from ml_collections import ConfigDict
+
+    from scalax.train.setup import steps_per_call
+
+    assert [steps_per_call(ConfigDict({"steps_per_call": 0}), p) for p in ("cpu", "gpu", "tpu")] == [10, 1, 1]
+    assert [steps_per_call(ConfigDict({"steps_per_call": 3}), p) for p in ("cpu", "gpu", "tpu")] == [3, 3, 3]
+    assert steps_per_call(ConfigDict({}), "cpu") == 1  # a resolved config written before the key existed
 
 
 @pytest.mark.parametrize("text,expected", [("16GiB", 16 * GIB), ("80GB", 80 * 10**9), ("1.5 TiB", int(1.5 * 2**40)),

@@ -44,6 +44,7 @@ def memory_plan(cfg, n_devices: int, platform: str | None = None) -> dict:
     out = {
         "devices": n_devices,
         "mesh": dict(run.layout.mesh.shape),
+        "steps_per_call": prog.steps_per_call,
         "params_per_device": params,
         "optimizer_per_device": opt,
         "arguments": int(ma.argument_size_in_bytes),
@@ -63,7 +64,7 @@ def verdict(report: dict, memory: int | None) -> str | None:
 
 def format_report(report: dict, memory: int | None, description: str) -> str:
     mesh = " x ".join(f"{k} {v}" for k, v in report["mesh"].items())
-    rows = [f"mesh {mesh} ({report['devices']} devices); per device:",
+    rows = [f"mesh {mesh} ({report['devices']} devices), {report['steps_per_call']} step(s) a call; per device:",
             f"  parameters        {report['params_per_device'] / GIB:10.3f} GiB",
             f"  optimizer state   {report['optimizer_per_device'] / GIB:10.3f} GiB",
             f"  step arguments    {report['arguments'] / GIB:10.3f} GiB (state + batch)",

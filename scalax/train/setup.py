@@ -25,6 +25,7 @@ from scalax.train import optim, program
 
 AUTO_STEPS_PER_CALL = 10  # train.steps_per_call = 0 on CPU (steps_per_call below)
 
+
 @dataclasses.dataclass(frozen=True)
 class RunSetup:
     model: ModelConfig

@@ -43,7 +43,7 @@ def test_plan_text_table_and_verdict():
     proc = run_plan("--config=configs/llama.py:size=tiny", "--devices=8", "--device-memory=1MiB",
                     "--config.mesh.fsdp=2", "--config.mesh.tensor=2")
     assert proc.returncode == 1, proc.stderr[-3000:]  # a tiny model's step needs more than 1 MiB
-    assert "mesh data 2 x fsdp 2 x tensor 2 (8 devices)" in proc.stdout
+    assert "mesh data 2 x fsdp 2 x tensor 2 (8 devices), 10 step(s) a call" in proc.stdout  # auto on this CPU
     for device in plan_lib.DEVICE_MEMORY:
         assert f"\n{device} " in proc.stdout
     assert "does not fit on 1.0 MiB per device" in proc.stdout
@@ -66,7 +66,7 @@ def test_plan_with_steps_per_call_holds_the_stack_of_batches():
 
     one, auto_cpu, auto_tpu = plan(1, "cpu"), plan(0, "cpu"), plan(0, "tpu")
     assert auto_cpu["arguments"] - one["arguments"] == (K - 1) * B * (T + 1) * 4 + 4
-    assert auto_cpu["params_per_device"] == one["params_per_device"]
+    assert auto_cpu["params_per_device"] == one["params_per_device"] and auto_cpu["steps_per_call"] == K
     assert auto_tpu == one
 
 

@@ -126,55 +126,65 @@ def chunked_attention(q_BxTxGxQxK, k_BxSxGxK, v_BxSxGxK, q_pos_T, k_pos_S, bias_
     """Blockwise attention: for each block of queries, a scan over blocks of keys keeps the running max m, the
     running sum of exponentials l and the unnormalised output (all float32), skipping key blocks wholly after
     the query block. Both scans' bodies are rematerialised, so the backward pass keeps O(T · K) per block
-    instead of [T, S] scores. Sequences are padded to whole blocks (padded keys are masked out)."""
+    instead of [T, S] scores. Sequences are padded to whole blocks (padded keys are masked out).
+
+    The layout is einsum_attention's: q, k and v are transposed once, batched over (B, G) leading with the Q
+    heads of a group stacked on a block's queries (M = Q·t), so each block's [M, s] scores come out of the dot
+    in the layout the row max and sum read; the row reductions are split as in `reductions.split_rows`."""
     B, T, G, Q, K = q_BxTxGxQxK.shape
     S = k_BxSxGxK.shape[1]
     bq, bk = min(block, T), min(block, S)
     nq, nk = -(-T // bq), -(-S // bk)
     big = jnp.iinfo(jnp.int32).max
-    q_blocks = _blocks(_pad(q_BxTxGxQxK, nq * bq, 1), nq, 1)  # [nq, B, bq, G, Q, K]
+    q_BxGxQxTxK = jnp.einsum("btgqk->bgqtk", _pad(q_BxTxGxQxK, nq * bq, 1))
+    q_blocks = _blocks(q_BxGxQxTxK, nq, 3).reshape(nq, B, G, Q * bq, K)  # [nq, B, G, M, K]
     q_pos_blocks = _blocks(_pad(q_pos_T, nq * bq, 0, -1), nq, 0)  # padded queries see no key
-    k_blocks = _blocks(_pad(k_BxSxGxK, nk * bk, 1), nk, 1)  # [nk, B, bk, G, K]
-    v_blocks = _blocks(_pad(v_BxSxGxK, nk * bk, 1), nk, 1)
+    k_blocks, v_blocks = (_blocks(jnp.einsum("bsgk->bgsk", _pad(x, nk * bk, 1)), nk, 2)  # [nk, B, G, s, K]
+                          for x in (k_BxSxGxK, v_BxSxGxK))
     k_pos_blocks = _blocks(_pad(k_pos_S, nk * bk, 0, big), nk, 0)  # padded keys are after every query
 
+    def row(reduce, x_BxGxMxs):
+        rows, axes = reductions.split_rows(x_BxGxMxs)
+        return reduce(rows, axis=axes)
+
     def query_block(_, xs):
-        q_BxtxGxQxK, q_pos_t = xs
+        q_BxGxMxK, q_pos_t = xs
 
         def key_block(carry, ys):
-            k_BxsxGxK, v_BxsxGxK, k_pos_s = ys
+            k_BxGxsxK, v_BxGxsxK, k_pos_s = ys
 
             def update(carry):
-                m_BxGxQxt, l_BxGxQxt, acc_BxGxQxtxK = carry
-                s_BxGxQxtxs = jnp.einsum("btgqk,bsgk->bgqts", q_BxtxGxQxK, k_BxsxGxK,
-                                         preferred_element_type=jnp.float32).astype(jnp.float32) * K**-0.5
+                m_BxGxM, l_BxGxM, acc_BxGxMxK = carry
+                s_BxGxQxtxs = jnp.einsum("bgmk,bgsk->bgms", q_BxGxMxK, k_BxGxsxK, preferred_element_type=jnp.float32
+                                         ).astype(jnp.float32).reshape(B, G, Q, bq, bk) * K**-0.5
                 if bias_fn is not None:
                     s_BxGxQxtxs = s_BxGxQxtxs + bias_fn(q_pos_t, k_pos_s).reshape(G, Q, bq, bk)
                 causal_txs = k_pos_s[None, :] <= q_pos_t[:, None]
-                s_BxGxQxtxs = jnp.where(causal_txs, s_BxGxQxtxs, NEG)
+                s_BxGxMxs = jnp.where(causal_txs, s_BxGxQxtxs, NEG).reshape(B, G, Q * bq, bk)
                 # The running max only keeps exp in range: the output does not depend on it, so no gradient
                 # flows through it (exact, and no max-gradient's tie mask, which a remat that rounds the
                 # recomputed scores otherwise can leave empty: 0/0 = NaN, seen with ALiBi at LLVM -O0).
-                m_new = jax.lax.stop_gradient(jnp.maximum(m_BxGxQxt, s_BxGxQxtxs.max(axis=-1)))
-                p_BxGxQxtxs = jnp.where(causal_txs, jnp.exp(s_BxGxQxtxs - m_new[..., None]), 0.0)
-                correction = jnp.exp(m_BxGxQxt - m_new)
-                pv_BxGxQxtxK = jnp.einsum("bgqts,bsgk->bgqtk", p_BxGxQxtxs.astype(v_BxsxGxK.dtype), v_BxsxGxK,
-                                          preferred_element_type=jnp.float32).astype(jnp.float32)
-                return (m_new, l_BxGxQxt * correction + p_BxGxQxtxs.sum(axis=-1),
-                        acc_BxGxQxtxK * correction[..., None] + pv_BxGxQxtxK)
+                m_new = jax.lax.stop_gradient(jnp.maximum(m_BxGxM, row(jnp.max, s_BxGxMxs)))
+                p_BxGxMxs = jnp.where(jnp.tile(causal_txs, (Q, 1)), jnp.exp(s_BxGxMxs - m_new[..., None]), 0.0)
+                correction = jnp.exp(m_BxGxM - m_new)
+                pv_BxGxMxK = jnp.einsum("bgms,bgsk->bgmk", p_BxGxMxs.astype(v_BxGxsxK.dtype), v_BxGxsxK,
+                                        preferred_element_type=jnp.float32).astype(jnp.float32)
+                return (m_new, l_BxGxM * correction + row(jnp.sum, p_BxGxMxs),
+                        acc_BxGxMxK * correction[..., None] + pv_BxGxMxK)
 
             after = jnp.min(k_pos_s) > jnp.max(q_pos_t)  # every key of the block is after every query
             return jax.lax.cond(after, lambda c: c, update, carry), None
 
-        init = (jnp.full((B, G, Q, bq), NEG, jnp.float32), jnp.zeros((B, G, Q, bq), jnp.float32),
-                jnp.zeros((B, G, Q, bq, K), jnp.float32))
-        (_, l_BxGxQxt, acc_BxGxQxtxK), _ = jax.lax.scan(jax.checkpoint(key_block), init,
-                                                       (k_blocks, v_blocks, k_pos_blocks))
-        out_BxGxQxtxK = acc_BxGxQxtxK / jnp.where(l_BxGxQxt > 0, l_BxGxQxt, 1.0)[..., None]
-        return None, jnp.einsum("bgqtk->btgqk", out_BxGxQxtxK).astype(v_BxSxGxK.dtype)
+        init = (jnp.full((B, G, Q * bq), NEG, jnp.float32), jnp.zeros((B, G, Q * bq), jnp.float32),
+                jnp.zeros((B, G, Q * bq, K), jnp.float32))
+        (_, l_BxGxM, acc_BxGxMxK), _ = jax.lax.scan(jax.checkpoint(key_block), init,
+                                                   (k_blocks, v_blocks, k_pos_blocks))
+        out_BxGxMxK = acc_BxGxMxK / jnp.where(l_BxGxM > 0, l_BxGxM, 1.0)[..., None]
+        return None, out_BxGxMxK.astype(v_BxSxGxK.dtype)
 
-    _, out_nqxBxbqxGxQxK = jax.lax.scan(jax.checkpoint(query_block), None, (q_blocks, q_pos_blocks))
-    return jnp.moveaxis(out_nqxBxbqxGxQxK, 0, 1).reshape(B, nq * bq, G, Q, K)[:, :T]
+    _, out_nqxBxGxMxK = jax.lax.scan(jax.checkpoint(query_block), None, (q_blocks, q_pos_blocks))
+    out_BxGxQxTxK = jnp.moveaxis(out_nqxBxGxMxK.reshape(nq, B, G, Q, bq, K), 0, 3).reshape(B, G, Q, nq * bq, K)
+    return jnp.einsum("bgqtk->btgqk", out_BxGxQxTxK)[:, :T]
 
 
 # ---------------------------------------------------------------------- splash (TPU Pallas)

@@ -122,6 +122,12 @@ def _pad(x, length: int, axis: int, value=0):
     return jnp.pad(x, pad, constant_values=value)
 
 
+def _row(reduce, x):
+    """`reduce` (jnp.max, jnp.sum) over the last axis, split as in `reductions.split_rows`: [..., n] -> [...]."""
+    rows, axes = reductions.split_rows(x)
+    return reduce(rows, axis=axes)
+
+
 def chunked_attention(q_BxTxGxQxK, k_BxSxGxK, v_BxSxGxK, q_pos_T, k_pos_S, bias_fn: BiasFn, block: int):
     """Blockwise attention: for each block of queries, a scan over blocks of keys keeps the running max m, the
     running sum of exponentials l and the unnormalised output (all float32), skipping key blocks wholly after
@@ -143,10 +149,6 @@ def chunked_attention(q_BxTxGxQxK, k_BxSxGxK, v_BxSxGxK, q_pos_T, k_pos_S, bias_
                           for x in (k_BxSxGxK, v_BxSxGxK))
     k_pos_blocks = _blocks(_pad(k_pos_S, nk * bk, 0, big), nk, 0)  # padded keys are after every query
 
-    def row(reduce, x_BxGxMxs):
-        rows, axes = reductions.split_rows(x_BxGxMxs)
-        return reduce(rows, axis=axes)
-
     def query_block(_, xs):
         q_BxGxMxK, q_pos_t = xs
 
@@ -164,12 +166,12 @@ def chunked_attention(q_BxTxGxQxK, k_BxSxGxK, v_BxSxGxK, q_pos_T, k_pos_S, bias_
                 # The running max only keeps exp in range: the output does not depend on it, so no gradient
                 # flows through it (exact, and no max-gradient's tie mask, which a remat that rounds the
                 # recomputed scores otherwise can leave empty: 0/0 = NaN, seen with ALiBi at LLVM -O0).
-                m_new = jax.lax.stop_gradient(jnp.maximum(m_BxGxM, row(jnp.max, s_BxGxMxs)))
+                m_new = jax.lax.stop_gradient(jnp.maximum(m_BxGxM, _row(jnp.max, s_BxGxMxs)))
                 p_BxGxMxs = jnp.where(jnp.tile(causal_txs, (Q, 1)), jnp.exp(s_BxGxMxs - m_new[..., None]), 0.0)
                 correction = jnp.exp(m_BxGxM - m_new)
                 pv_BxGxMxK = jnp.einsum("bgms,bgsk->bgmk", p_BxGxMxs.astype(v_BxGxsxK.dtype), v_BxGxsxK,
                                         preferred_element_type=jnp.float32).astype(jnp.float32)
-                return (m_new, l_BxGxM * correction + row(jnp.sum, p_BxGxMxs),
+                return (m_new, l_BxGxM * correction + _row(jnp.sum, p_BxGxMxs),
                         acc_BxGxMxK * correction[..., None] + pv_BxGxMxK)
 
             after = jnp.min(k_pos_s) > jnp.max(q_pos_t)  # every key of the block is after every query

@@ -69,9 +69,9 @@ def reference(corpus, tmp_path_factory):
     assert proc.returncode == 0, proc.stderr
     result = losses(workdir)
     assert sorted(result) == list(range(1, STEPS + 1))
-    # The compiled train step went into the persistent compilation cache (cli.use_compilation_cache): the runs
-    # below load it, and must still match this run's losses bit for bit.
-    assert glob.glob(os.path.join(io.cache_root(), "jax", "jit_train_step-*"))
+    # The compiled train steps (train.steps_per_call auto: ten a call on CPU) went into the persistent compilation
+    # cache (cli.use_compilation_cache): the runs below load it, and must still match this run's losses bit for bit.
+    assert glob.glob(os.path.join(io.cache_root(), "jax", "jit_train_steps-*"))
     return workdir, result
 
 

@@ -18,7 +18,8 @@ DEVICE_MEMORY: dict[str, tuple[int, str]] = {
     "h100": (80 * GB, "NVIDIA H100 SXM, 80 GB HBM3"),
     "h200": (141 * GB, "NVIDIA H200, 141 GB HBM3e"),
 }
-PLATFORM = {"v4": "tpu", "v5e": "tpu", "v5p": "tpu", "v6e": "tpu", "h100": "gpu", "h200": "gpu"}
+# each named device's JAX platform, read off its description (which decides train.steps_per_call = 0)
+PLATFORM = {name: "gpu" if text.startswith("NVIDIA") else "tpu" for name, (_, text) in DEVICE_MEMORY.items()}
 UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": GB, "TB": 10**12, "KIB": 2**10, "MIB": 2**20, "GIB": GIB,
          "TIB": 2**40}
 

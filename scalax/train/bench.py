@@ -32,7 +32,6 @@ class Bench:
         run = setup_run(cfg)
         prog, train_cfg = run.program, cfg.train
         self.run, self.tokens = run, train_cfg.batch_size * train_cfg.seq_len
-        self.steps_per_call = prog.steps_per_call  # K: steps per compiled call, as the run calls them
         start = time.perf_counter()
         self.step = prog.lower_call(train_cfg.batch_size, train_cfg.seq_len).compile()
         self.compile_seconds = time.perf_counter() - start
@@ -48,6 +47,11 @@ class Bench:
         self.state = prog.init()
         self.time_steps(1)  # the first call allocates and warms caches
         self.rates: list[float] = []
+
+    @property
+    def steps_per_call(self) -> int:
+        """K: the steps of one compiled call, as the run calls them."""
+        return self.run.program.steps_per_call
 
     def time_steps(self, steps: int) -> float:
         """Tokens/s over at least `steps` steps, whole calls of K (the last one waited for)."""

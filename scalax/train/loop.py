@@ -293,7 +293,7 @@ class Trainer:
                 step % train_cfg.eval_every == 0 or is_last)
 
     def _call_end(self, first: int) -> int:
-        """The last step of the call that starts at `first`: the next multiple of train.steps_per_call (calls
+        """The last step of the call that starts at `first`: the next multiple of the program's steps a call (calls
         aligned the same in a run and its resumes), the run's last step, or the first step before either at
         which a log, evaluation or save falls due."""
         k = self.run_setup.program.steps_per_call
